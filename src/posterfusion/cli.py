@@ -1,0 +1,244 @@
+"""The command line: a thin typer layer over the library.
+
+Heavy imports (torch, pandas, the models) happen inside the commands so that ``--help`` is instant.
+User mistakes arrive as :class:`PosterFusionError` and leave as one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from .errors import PosterFusionError
+from .manifest_cli import manifest_app
+
+detect_cache_app = typer.Typer(
+    help="Precompute frozen detector features and CNN embeddings for posters into a cache.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+fusion_app = typer.Typer(
+    help="Train, run and evaluate the poster genre model (CNN fused with detector features).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+fusion_app.add_typer(manifest_app, name="manifest")
+
+DEFAULT_CACHE = Path("posterfusion-cache")
+
+
+def user_errors(command: Callable) -> Callable:
+    """Print a PosterFusionError as one line instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PosterFusionError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class _RichProgress:
+    """A progress bar that prints failures above itself as they happen."""
+
+    def __init__(self, total: int | None, description: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=_console())
+        self.task = self.bar.add_task(description, total=total, rate="")
+        self.start = None
+
+    def __enter__(self) -> "_RichProgress":
+        import time
+
+        self.start = time.perf_counter()
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def advance(self, n: int) -> None:
+        import time
+
+        done = self.bar.tasks[0].completed + n
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(self.task, advance=n, rate=f"{rate:.1f} posters/s")
+
+    def failure(self, path: str, reason: str) -> None:
+        self.bar.console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+
+
+@detect_cache_app.command("build")
+@user_errors
+def build(
+    source: Path = typer.Argument(..., help="Manifest CSV (poster, genres) or a folder of images."),
+    cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="Cache folder (created if new)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N posters."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Posters per model batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    objects: str = typer.Option("nanodet", "--objects", help="Object detector: nanodet, or yolo:PATH to a local .pt/.onnx."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="CNN whose embeddings are cached too, or 'none'."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding workers (default: spare cores)."),
+) -> None:
+    """Build (or complete) the feature cache for a manifest or a folder of posters."""
+    from .extract import FrozenModels, build_cache, open_stores
+    from .manifest import load_manifest
+
+    manifest = load_manifest(source).head(limit)
+    models = FrozenModels(objects, None if backbone == "none" else backbone, device)
+    with _RichProgress(len(manifest), "detect-cache") as progress:
+        summary = build_cache(manifest.paths, open_stores(models, cache), models, batch_size, workers, progress)
+    typer.echo(
+        f"{len(manifest)} posters: {summary.done} done, {summary.cached} cached, {summary.skipped} skipped "
+        f"(duplicates), {summary.failed} failed; {summary.posters_per_s:.1f} posters/s on {models.device} -> {cache}"
+    )
+
+
+@detect_cache_app.command("info")
+@user_errors
+def info(
+    cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="Cache folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for programs."),
+) -> None:
+    """Say what a cache holds: posters, the models' identities, the feature columns."""
+    from .cache import describe_cache
+
+    report = describe_cache(cache)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{cache}: {report['posters']} posters with detector features, schema {report['schema_version']}")
+    for store in report["stores"]:
+        typer.echo(f"  {store['kind']:<9} {store['posters']:>7} rows  {store['folder']}  {store['summary']}")
+
+
+@fusion_app.command("train")
+@user_errors
+def train_command(
+    manifest: Path = typer.Option(..., "--manifest", help="Labelled manifest CSV (poster, genres[, split])."),
+    cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="Feature cache; missing rows are computed."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (defaults: configs/default.yaml)."),
+    out: Path = typer.Option(Path("runs/model"), "--out", help="Folder for model.safetensors and card.json."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Override the config: fusion, cnn or detectors."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the config's seed."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Train the fusion head on cached features and save the model with its card."""
+    from .train import load_config, train
+
+    overrides = {k: v for k, v in (("mode", mode), ("seed", seed)) if v is not None}
+    settings = load_config(config, overrides)
+    console = _console()
+
+    def on_epoch(epoch: int, loss: float, val_map: float) -> None:
+        console.print(f"epoch {epoch:3d}  loss {loss:.4f}  val mAP {val_map:.4f}", highlight=False)
+
+    with _RichProgress(None, "features") as progress:
+        card = train(manifest, cache, settings, out, device, progress, on_epoch)
+    v, t = card["validation"], card["training"]
+    typer.echo(
+        f"trained {settings['mode']} on {t['train_posters']} posters (best epoch {t['best_epoch']}/{t['epochs_run']}, "
+        f"{t['seconds']:.0f} s): val mAP {v['map']:.3f} (prior {v['prior_map']:.3f}), micro-F1 {v['micro_f1']:.3f}, "
+        f"macro-F1 {v['macro_f1']:.3f}, top-n {v['top_n_accuracy']:.3f} -> {out}"
+    )
+
+
+@fusion_app.command("predict")
+@user_errors
+def predict_command(
+    posters: Optional[list[Path]] = typer.Argument(None, help="Poster files and/or folders of posters."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Read/extend this feature cache instead of computing in memory."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Probabilities shown per poster."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines for programs."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV for programs."),
+    samples: bool = typer.Option(False, "--samples", help="Predict the sample images shipped with installed packages."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+) -> None:
+    """Predict genres for posters, with probabilities and what the detectors saw."""
+    from .images import IMAGE_SUFFIXES
+    from .predict import Predictor, sample_images
+
+    paths: list[str] = [str(p) for p in sample_images()] if samples else []
+    for p in posters or []:
+        if p.is_dir():
+            paths += [str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            paths.append(str(p))
+    if not paths:
+        raise PosterFusionError("no posters given; name poster files or folders, or use --samples")
+    predictor = Predictor(model, device)
+    predictions = predictor.predict(paths, cache, batch_size)
+    if as_json:
+        for p in predictions:
+            typer.echo(json.dumps({"poster": p.path, "genres": p.genres, "top": p.top(top_k),
+                                   "probabilities": p.probabilities, "evidence": p.evidence, "error": p.error or None}))
+    elif as_csv:
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["poster", "genres", *predictor.genres, "error"])
+        for p in predictions:
+            writer.writerow([p.path, "|".join(p.genres), *(f"{p.probabilities.get(g, ''):.4f}" if p.probabilities else "" for g in predictor.genres), p.error])
+    else:
+        for p in predictions:
+            if p.error:
+                typer.echo(f"{p.path}: skipped: {p.error}", err=True)
+                continue
+            top = ", ".join(f"{g} {prob:.2f}" for g, prob in p.top(top_k))
+            typer.echo(f"{p.path}: {' | '.join(p.genres)}   [{top}]")
+            if p.evidence:
+                objs = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(p.evidence["objects"].items())[:6]) or "no objects"
+                faces = p.evidence["faces"]
+                expr = f" ({p.evidence['expression']})" if faces else ""
+                typer.echo(f"    saw: {objs}; {faces} face{'s' if faces != 1 else ''}{expr}")
+    failed = sum(1 for p in predictions if p.error)
+    typer.echo(f"{len(predictions) - failed} posters predicted, {failed} skipped (model: {predictor.model_dir})", err=True)
+
+
+@fusion_app.command("evaluate")
+@user_errors
+def evaluate_command(
+    manifest: Path = typer.Option(..., "--manifest", help="Labelled manifest of posters the model has not seen."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache to read/extend."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only rows whose 'split' column has this value (e.g. test)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a precision-recall PNG here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Measure a model on labelled posters: mAP, F1s, top-n accuracy, per-genre table."""
+    from .evaluate import evaluate_manifest
+    from .metrics import format_table
+    from .predict import Predictor
+
+    predictor = Predictor(model, device)
+    with _RichProgress(None, "features") as progress:
+        result = evaluate_manifest(manifest, predictor, cache, split, plot, progress)
+    typer.echo(format_table(result))
+    if result["unknown_genres"]:
+        typer.echo(f"ignored genres the model does not know: {', '.join(result['unknown_genres'])}")
+    if result["unreadable_posters"]:
+        typer.echo(f"{len(result['unreadable_posters'])} posters could not be read and were left out")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    prior = f" (genre prior {result['prior_map']:.3f})" if "prior_map" in result else ""
+    typer.echo(f"evaluated {result['n_posters']} posters: mAP {result['map']:.3f}{prior}, micro-F1 {result['micro_f1']:.3f}, "
+               f"macro-F1 {result['macro_f1']:.3f}, top-n {result['top_n_accuracy']:.3f}")

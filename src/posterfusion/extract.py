@@ -1,0 +1,266 @@
+"""Posters -> frozen-model features, in batches, with one read and one decode per poster.
+
+DataLoader workers read each file once, hash it (the cache key), skip it if the cache already has
+it, decode it and prepare every model's input; the main process runs the models on whole
+batches. Batches are cut from the manifest in order, so a resumed run forms the same batches as
+an uninterrupted one and yields the same values.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from .backbone import Backbone, create_backbone
+from .cache import FeatureStore
+from .detectors import DetectorSet, Evidence, Preparer
+from .images import BadImage, content_key, decode_bytes
+from .timing import timed
+
+
+@dataclass
+class Item:
+    """One poster after the worker: its key, and model inputs or the reason it failed."""
+
+    path: str
+    key: str = ""
+    error: str = ""
+    cached: bool = False
+    detector_input: dict[str, Any] | None = None
+    backbone_input: torch.Tensor | None = None
+
+
+class PosterDataset(torch.utils.data.Dataset):
+    """Reads, hashes, decodes and prepares posters; runs inside DataLoader workers."""
+
+    def __init__(self, paths: list[str], preparer: Preparer | None, backbone: Backbone | None,
+                 detector_done: frozenset[str] = frozenset(), backbone_done: frozenset[str] = frozenset()) -> None:
+        self.paths = paths
+        self.preparer = preparer
+        self.backbone_prepare = backbone.prepare if backbone is not None else None
+        self.detector_done = detector_done
+        self.backbone_done = backbone_done
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Item:
+        item = Item(self.paths[index])
+        try:
+            data = Path(item.path).read_bytes()
+        except FileNotFoundError:
+            item.error = "file not found"
+            return item
+        except OSError as exc:
+            item.error = f"cannot read: {exc.strerror or exc}"
+            return item
+        item.key = content_key(data)
+        need_detectors = self.preparer is not None and item.key not in self.detector_done
+        need_backbone = self.backbone_prepare is not None and item.key not in self.backbone_done
+        if not (need_detectors or need_backbone):
+            item.cached = True
+            return item
+        try:
+            rgb = decode_bytes(data)
+        except BadImage as exc:
+            item.error = str(exc)
+            return item
+        if need_detectors:
+            item.detector_input = self.preparer(rgb)
+        if need_backbone:
+            item.backbone_input = self.backbone_prepare(rgb)
+        return item
+
+
+def _collate(items: list[Item]) -> list[Item]:
+    return items
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers only resize; the models get the cores
+
+
+def default_workers() -> int:
+    """One decoding worker per spare core (at least one, so decoding overlaps inference)."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def iterate(dataset: PosterDataset, batch_size: int, workers: int) -> Iterator[list[Item]]:
+    """Batches of prepared items in manifest order, decoded in parallel with inference."""
+    if workers <= 0:
+        for start in range(0, len(dataset), batch_size):
+            yield [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False,
+    )
+    yield from loader
+
+
+@dataclass
+class Extracted:
+    """Model outputs for the items of one batch that needed work."""
+
+    detector_items: list[Item] = field(default_factory=list)
+    features: np.ndarray | None = None
+    evidence: list[Evidence] = field(default_factory=list)
+    backbone_items: list[Item] = field(default_factory=list)
+    embeddings: np.ndarray | None = None
+
+
+class FrozenModels:
+    """The detector set and the backbone, on one device, run on prepared batches."""
+
+    def __init__(self, objects: str | None = "nanodet", backbone: str | None = "efficientnet_lite0",
+                 device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.detectors = DetectorSet(objects, self.device) if objects else None
+        self.backbone = create_backbone(backbone).to(self.device) if backbone else None
+        self.timings: dict[str, float] = {}
+
+    @torch.inference_mode()
+    def run(self, items: list[Item]) -> Extracted:
+        out = Extracted()
+        out.detector_items = [i for i in items if i.detector_input is not None]
+        if self.detectors is not None and out.detector_items:
+            out.features, out.evidence = self.detectors.run([i.detector_input for i in out.detector_items], self.timings)
+        out.backbone_items = [i for i in items if i.backbone_input is not None]
+        if self.backbone is not None and out.backbone_items:
+            with timed(self.timings, "backbone"):
+                batch = torch.stack([i.backbone_input for i in out.backbone_items]).to(self.device)
+                out.embeddings = self.backbone.embed(batch).float().cpu().numpy()
+        return out
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks the GPU when there is one; an unavailable device is a clear error."""
+    from .errors import PosterFusionError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PosterFusionError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise PosterFusionError(f"--device {device}: not a device name (use auto, cpu, cuda or cuda:N)") from None
+
+
+class Progress(Protocol):
+    def advance(self, n: int) -> None: ...
+    def failure(self, path: str, reason: str) -> None: ...
+
+
+@dataclass
+class BuildSummary:
+    done: int = 0
+    cached: int = 0
+    skipped: int = 0  # duplicates of a poster already handled in this run
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # per input path, "" where it failed
+
+    @property
+    def posters_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenModels, batch_size: int = 32,
+                workers: int | None = None, progress: Progress | None = None) -> BuildSummary:
+    """Compute what the stores lack for these posters; each batch is committed as it finishes."""
+    detector_store, backbone_store = stores.get("detectors"), stores.get("backbone")
+    dataset = PosterDataset(
+        paths,
+        models.detectors.preparer if models.detectors else None,
+        models.backbone,
+        frozenset(detector_store.keys()) if detector_store else frozenset(),
+        frozenset(backbone_store.keys()) if backbone_store else frozenset(),
+    )
+    if workers is None:
+        workers = default_workers() if len(paths) > batch_size else 0
+    summary = BuildSummary()
+    seen: set[str] = set()
+    start = time.perf_counter()
+    for items in iterate(dataset, batch_size, workers):
+        todo = []
+        for item in items:
+            summary.keys.append(item.key if not item.error else "")
+            if item.error:
+                summary.failed += 1
+                summary.failures.append((item.path, item.error))
+                if progress:
+                    progress.failure(item.path, item.error)
+            elif item.cached:
+                summary.cached += 1
+            elif item.key in seen:
+                summary.skipped += 1
+            else:
+                seen.add(item.key)
+                todo.append(item)
+        result = models.run(todo)
+        if detector_store is not None and result.features is not None:
+            detector_store.append([i.key for i in result.detector_items], [i.path for i in result.detector_items], result.features)
+        if backbone_store is not None and result.embeddings is not None:
+            backbone_store.append([i.key for i in result.backbone_items], [i.path for i in result.backbone_items], result.embeddings)
+        summary.done += len(todo)
+        if progress:
+            progress.advance(len(items))
+    summary.seconds = time.perf_counter() - start
+    for store in stores.values():
+        store.compact()
+    return summary
+
+
+class Store(Protocol):
+    kind: str
+    identity: dict
+    columns: list[str]
+
+    def keys(self) -> set[str]: ...
+    def append(self, keys: list[str], paths: list[str], values: np.ndarray) -> None: ...
+    def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]: ...
+    def compact(self) -> None: ...
+
+
+def open_stores(models: FrozenModels, cache_dir: str | Path | None = None) -> dict[str, Store]:
+    """The stores for these models: in a cache folder (created when new), or in memory."""
+    specs = []
+    if models.detectors is not None:
+        specs.append(("detectors", models.detectors.identity, models.detectors.columns))
+    if models.backbone is not None:
+        specs.append(("backbone", models.backbone.identity, [f"cnn_{i:04d}" for i in range(models.backbone.dim)]))
+    if cache_dir is None:
+        return {kind: MemoryStore(kind, identity, columns) for kind, identity, columns in specs}
+    return {kind: FeatureStore.open(cache_dir, kind, identity, columns) for kind, identity, columns in specs}
+
+
+@dataclass
+class MemoryStore:
+    """A store that lives only for one command (``fusion predict`` without a cache)."""
+
+    kind: str
+    identity: dict
+    columns: list[str]
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def keys(self) -> set[str]:
+        return set(self.rows)
+
+    def append(self, keys: list[str], paths: list[str], values: np.ndarray) -> None:
+        self.rows.update(zip(keys, np.asarray(values, np.float32)))
+
+    def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+        wanted = list(self.rows) if keys is None else [k for k in keys if k in self.rows]
+        matrix = np.stack([self.rows[k] for k in wanted]) if wanted else np.zeros((0, len(self.columns)), np.float32)
+        return wanted, matrix
+
+    def compact(self) -> None:
+        pass

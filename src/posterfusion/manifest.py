@@ -1,0 +1,119 @@
+"""Manifests: which posters to work on, and their genres when known.
+
+A manifest is a CSV with ``poster`` (a path relative to the CSV's folder, or absolute) and
+``genres`` (pipe-separated, possibly empty); other columns are kept. A folder of images is a
+manifest without labels. Everything downstream takes the :class:`Manifest` this module returns.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import PosterFusionError
+from .images import IMAGE_SUFFIXES
+
+REQUIRED_COLUMNS = ("poster",)
+
+
+@dataclass
+class Manifest:
+    """Posters with absolute paths (column ``path``) and parsed genre lists (``genre_list``)."""
+
+    table: pd.DataFrame
+    source: Path
+    labelled: bool
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def paths(self) -> list[str]:
+        return self.table["path"].tolist()
+
+    def genres(self) -> list[str]:
+        """The genre vocabulary, most frequent first (ties by name) for stable output order."""
+        counts: dict[str, int] = {}
+        for genres in self.table["genre_list"]:
+            for genre in genres:
+                counts[genre] = counts.get(genre, 0) + 1
+        return sorted(counts, key=lambda g: (-counts[g], g))
+
+    def head(self, limit: int | None) -> "Manifest":
+        if limit is None or limit >= len(self.table):
+            return self
+        return Manifest(self.table.iloc[:limit].reset_index(drop=True), self.source, self.labelled)
+
+
+def split_genres(value: object) -> list[str]:
+    """Parse a pipe-separated genre cell; blanks, NaN and '(no genres listed)' mean none."""
+    if not isinstance(value, str):
+        return []
+    parts = [part.strip() for part in value.split("|")]
+    return [part for part in parts if part and part != "(no genres listed)"]
+
+
+def load_manifest(source: str | Path) -> Manifest:
+    """Read a manifest CSV or list a folder of images.
+
+    Files that are missing or unreadable are not an error here: each poster is reported and
+    skipped when it is decoded, so one bad row never stops a long run.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise PosterFusionError(f"{source}: no such manifest or folder")
+    if source.is_dir():
+        return _from_folder(source)
+    table = _read_csv(source)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise PosterFusionError(
+            f"{source}: manifest has no '{missing[0]}' column (columns: {', '.join(table.columns)}); "
+            "it needs 'poster' (image path) and optionally 'genres' (pipe-separated)"
+        )
+    labelled = "genres" in table.columns
+    table = table.copy()
+    empty = table["poster"].isna() | (table["poster"].astype(str).str.strip() == "")
+    if empty.any():
+        line = int(empty.to_numpy().nonzero()[0][0]) + 2
+        raise PosterFusionError(f"{source}:{line}: empty 'poster' path")
+    base = source.resolve().parent
+    table["path"] = [str(_resolve(base, p)) for p in table["poster"].astype(str)]
+    table["genre_list"] = [split_genres(v) for v in table["genres"]] if labelled else [[]] * len(table)
+    return Manifest(table.reset_index(drop=True), source, labelled)
+
+
+def _resolve(base: Path, poster: str) -> Path:
+    path = Path(poster.strip()).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _read_csv(source: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(source, dtype=str, keep_default_na=False, na_values=[""])
+    except UnicodeDecodeError:
+        raise PosterFusionError(
+            f"{source}: not UTF-8 text; re-save it as UTF-8 or import it with 'fusion manifest import'"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty file"
+        raise PosterFusionError(f"{source}: not a readable CSV manifest: {reason}") from None
+
+
+def _from_folder(folder: Path) -> Manifest:
+    paths = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise PosterFusionError(f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    table = pd.DataFrame(
+        {
+            "poster": [str(p.relative_to(folder)) for p in paths],
+            "path": [str(p.resolve()) for p in paths],
+        }
+    )
+    table["genre_list"] = [[] for _ in range(len(table))]
+    return Manifest(table, folder, labelled=False)

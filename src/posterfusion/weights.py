@@ -1,0 +1,49 @@
+"""Where the converted weights live, and how a weights file is identified.
+
+Converted weights are committed under the repository's ``weights/`` folder next to the scripts
+that made them; ``POSTERFUSION_WEIGHTS`` points elsewhere (an installed copy, a shared drive).
+A file's sha256 is its identity in cache keys and model cards, and is checked against the
+``.sha256`` file shipped beside it so a damaged download fails before it computes garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import PosterFusionError
+
+
+def weights_dir() -> Path:
+    """The folder holding converted weights and the default model."""
+    override = os.environ.get("POSTERFUSION_WEIGHTS")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "weights"
+
+
+@lru_cache(maxsize=None)
+def file_sha256(path: str) -> str:
+    """Checksum of a file, read in blocks; cached because identities are asked for often."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_weights(name: str) -> tuple[Path, str]:
+    """Path and sha256 of a shipped weights file, checked against its ``.sha256`` companion."""
+    path = weights_dir() / name
+    if not path.is_file():
+        raise PosterFusionError(
+            f"{path}: weights file missing; it ships in the repository's weights/ folder "
+            "(set POSTERFUSION_WEIGHTS if you moved it)"
+        )
+    sha = file_sha256(str(path))
+    companion = path.with_name(path.name.split(".")[0] + ".sha256")
+    if companion.is_file():
+        expected = companion.read_text().split()[0]
+        if expected != sha:
+            raise PosterFusionError(f"{path}: checksum {sha[:12]} does not match {companion.name} ({expected[:12]})")
+    return path, sha
