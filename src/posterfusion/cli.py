@@ -6,14 +6,13 @@ User mistakes arrive as :class:`PosterFusionError` and leave as one line on stde
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from .errors import PosterFusionError
+from .errors import PosterFusionError, user_errors
 from .manifest_cli import manifest_app
 
 detect_cache_app = typer.Typer(
@@ -28,20 +27,6 @@ fusion_app = typer.Typer(
 fusion_app.add_typer(manifest_app, name="manifest")
 
 DEFAULT_CACHE = Path("posterfusion-cache")
-
-
-def user_errors(command: Callable) -> Callable:
-    """Print a PosterFusionError as one line instead of a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except PosterFusionError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _console():

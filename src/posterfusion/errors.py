@@ -7,3 +7,20 @@ line, so every message must name the file and the problem and say what to do.
 
 class PosterFusionError(Exception):
     """A problem with the user's input or set-up, printed as one line without a traceback."""
+
+
+def user_errors(command):
+    """CLI decorator: print a PosterFusionError as one line on stderr and exit 2, never a traceback."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import typer
+
+        try:
+            return command(*args, **kwargs)
+        except PosterFusionError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper

@@ -121,6 +121,10 @@ class FrozenModels:
     def __init__(self, objects: str | None = "nanodet", backbone: str | None = "efficientnet_lite0",
                  device: str = "auto") -> None:
         self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            # Cached features must not depend on the hardware: no TF32 shortcuts in frozen models.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.detectors = DetectorSet(objects, self.device) if objects else None
         self.backbone = create_backbone(backbone).to(self.device) if backbone else None
         self.timings: dict[str, float] = {}

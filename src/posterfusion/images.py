@@ -75,7 +75,7 @@ def decode_bytes(data: bytes) -> np.ndarray:
         raise BadImage(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         reason = str(exc) or type(exc).__name__
-        if "truncated" in reason:
+        if "truncated" in reason.lower():
             reason = "truncated file (image data ends early)"
         raise BadImage(f"cannot decode: {reason}") from None
     try:

@@ -5,18 +5,16 @@ inside the commands, so ``fusion --help`` stays fast.
 """
 
 import csv
-import functools
-from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from posterfusion.errors import PosterFusionError
+from posterfusion.errors import PosterFusionError, user_errors
 from posterfusion.importers import IMPORTERS, ImportResult, RowProblem
 
 manifest_app = typer.Typer(
@@ -32,31 +30,13 @@ Format = Enum("Format", {name: name for name in IMPORTERS}, type=str)  # type: i
 SHOWN_PROBLEMS = 20
 
 console = Console(soft_wrap=True, highlight=False)
-error_console = Console(stderr=True, soft_wrap=True, highlight=False)
-
-F = TypeVar("F", bound=Callable[..., object])
-
-
-def _user_errors(command: F) -> F:
-    """Show a :class:`PosterFusionError` as one line and exit 2, never as a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: object, **kwargs: object) -> object:
-        try:
-            return command(*args, **kwargs)
-        except PosterFusionError as error:
-            error_console.print(f"error: {error}", markup=False)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 def _plural(count: int, word: str) -> str:
     return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 
 @manifest_app.command("import")
-@_user_errors
+@user_errors
 def import_(
     format: Annotated[Format, typer.Argument(help="How SOURCE is laid out.", case_sensitive=False)],
     source: Annotated[Path, typer.Argument(
@@ -149,7 +129,7 @@ def _show_summary(result: ImportResult, out: Path, threshold: int) -> None:
 
 
 @manifest_app.command()
-@_user_errors
+@user_errors
 def split(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV to split.", show_default=False)],
     val: Annotated[float, typer.Option(help="Share of posters for validation.")] = 0.15,
@@ -184,7 +164,7 @@ def split(
 
 
 @manifest_app.command()
-@_user_errors
+@user_errors
 def stats(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV to describe.", show_default=False)],
     plot: Annotated[Optional[Path], typer.Option(

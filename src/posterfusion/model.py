@@ -1,0 +1,147 @@
+"""The fusion head: an MLP over [CNN embedding, standardised detector features].
+
+Each branch is projected on its own before the two meet, so the 1280-d embedding cannot drown the
+~300 detector columns; ``mode`` switches a branch off for the ablations (``cnn``, ``detectors``,
+``fusion``). Feature standardisation (log1p for counts, then z-scores fitted on the training split)
+lives inside the module as buffers, so the saved weights are the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+MODES = ("cnn", "detectors", "fusion")
+
+
+@dataclass
+class HeadConfig:
+    mode: str = "fusion"
+    cnn_dim: int = 1280
+    detector_dim: int = 0
+    n_genres: int = 18
+    cnn_hidden: int = 256
+    detector_hidden: int = 64
+    hidden: int = 256
+    dropout: float = 0.5
+    input_dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Standardizer(nn.Module):
+    """log1p on heavy-tailed columns, then z-score with clipping; fitted once on training rows."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("log_mask", torch.zeros(dim, dtype=torch.bool))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, x: np.ndarray, log_mask: np.ndarray) -> "Standardizer":
+        self.log_mask.copy_(torch.as_tensor(log_mask, dtype=torch.bool))
+        z = self._log(torch.as_tensor(x, dtype=torch.float32))
+        self.mean.copy_(z.mean(0))
+        self.std.copy_(z.std(0).clamp_min(1e-3))  # constant columns stay at 0 instead of exploding
+        return self
+
+    def _log(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.log_mask, torch.log1p(x.clamp_min(0)), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self._log(x) - self.mean) / self.std).clamp(-5.0, 5.0)
+
+
+class FusionHead(nn.Module):
+    """Two projected branches, concatenated, then a small MLP to one logit per genre."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        if config.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {config.mode!r}")
+        self.config = config
+        self.use_cnn = config.mode in ("cnn", "fusion")
+        self.use_detectors = config.mode in ("detectors", "fusion") and config.detector_dim > 0
+        width = 0
+        if self.use_cnn:
+            self.cnn_norm = Standardizer(config.cnn_dim)
+            self.cnn_branch = nn.Sequential(
+                nn.Dropout(config.input_dropout), nn.Linear(config.cnn_dim, config.cnn_hidden), nn.GELU()
+            )
+            width += config.cnn_hidden
+        if self.use_detectors:
+            self.detector_norm = Standardizer(config.detector_dim)
+            self.detector_branch = nn.Sequential(
+                nn.Dropout(config.input_dropout), nn.Linear(config.detector_dim, config.detector_hidden), nn.GELU()
+            )
+            width += config.detector_hidden
+        self.classifier = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(width, config.hidden), nn.GELU(),
+            nn.Dropout(config.dropout), nn.Linear(config.hidden, config.n_genres),
+        )
+
+    def fit_standardizers(self, cnn: np.ndarray | None, detectors: np.ndarray | None, log_mask: np.ndarray | None) -> None:
+        if self.use_cnn:
+            self.cnn_norm.fit(cnn, np.zeros(cnn.shape[1], bool))
+        if self.use_detectors:
+            self.detector_norm.fit(detectors, log_mask)
+
+    def forward(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None) -> torch.Tensor:
+        parts = []
+        if self.use_cnn:
+            parts.append(self.cnn_branch(self.cnn_norm(cnn)))
+        if self.use_detectors:
+            parts.append(self.detector_branch(self.detector_norm(detectors)))
+        return self.classifier(torch.cat(parts, dim=1))
+
+    def set_genre_prior(self, frequencies: np.ndarray) -> None:
+        """Start the output biases at the genres' log-odds: early epochs need not learn the prior."""
+        p = np.clip(frequencies, 1e-4, 1 - 1e-4)
+        with torch.no_grad():
+            self.classifier[-1].bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32))
+
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+
+
+def save_model(out_dir, head: FusionHead, card: dict) -> None:
+    """Weights as safetensors and everything needed to use them as a JSON model card."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+    card = {**card, "head": head.config.to_dict()}
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_model(model_dir) -> tuple[FusionHead, dict]:
+    """Read a model folder written by :func:`save_model`; errors name the file at fault."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .errors import PosterFusionError
+
+    folder = Path(model_dir)
+    card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
+    for path in (card_path, weights_path):
+        if not path.is_file():
+            raise PosterFusionError(f"{path}: not found; a model folder holds {CARD_FILE} and {WEIGHTS_FILE} (made by 'fusion train')")
+    try:
+        card = json.loads(card_path.read_text())
+        head = FusionHead(HeadConfig(**card["head"]))
+        head.load_state_dict(load_file(str(weights_path)), strict=True)
+    except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise PosterFusionError(f"{folder}: model card and weights do not fit together ({str(exc).splitlines()[0]})") from None
+    return head.eval(), card

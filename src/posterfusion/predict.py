@@ -1,0 +1,126 @@
+"""Genres for posters from a trained model: features (cached or on the fly) -> head -> thresholds.
+
+A model only runs on features from exactly the detectors, backbone and schema it was trained on;
+anything else is refused with a message that says what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .detectors import schema
+from .detectors.base import COCO_CLASSES, EXPRESSIONS
+from .errors import PosterFusionError
+from .extract import FrozenModels, Progress
+from .features import gather
+from .model import load_model
+from .train import predict_proba
+from .weights import weights_dir
+
+DEFAULT_MODEL = "default_model"
+
+
+def default_model_dir() -> Path:
+    return weights_dir() / DEFAULT_MODEL
+
+
+def sample_images() -> list[Path]:
+    """Images that ship inside installed packages: a demo that needs no data of one's own."""
+    import ultralytics
+
+    assets = Path(ultralytics.__file__).parent / "assets"
+    return sorted(assets.glob("*.jpg"))
+
+
+@dataclass
+class Prediction:
+    path: str
+    genres: list[str] = field(default_factory=list)  # above their thresholds, most probable first
+    probabilities: dict[str, float] = field(default_factory=dict)
+    evidence: dict = field(default_factory=dict)
+    error: str = ""
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+
+
+class Predictor:
+    """A trained model with the frozen models it needs, loaded once, used for many posters."""
+
+    def __init__(self, model_dir: str | Path | None = None, device: str = "auto") -> None:
+        self.model_dir = Path(model_dir) if model_dir else default_model_dir()
+        self.head, self.card = load_model(self.model_dir)
+        config = self.card["config"]
+        self.models = FrozenModels(
+            objects=config["objects"] if self.card.get("detectors") else None,
+            backbone=config["backbone"] if self.card.get("backbone") else None,
+            device=device,
+        )
+        check_compatible(self.card, self.models, self.model_dir)
+        self.genres: list[str] = self.card["genres"]
+        self.thresholds = np.asarray(self.card["thresholds"], np.float32)
+
+    def predict(self, paths: list[str], cache_dir: str | Path | None = None, batch_size: int = 32,
+                progress: Progress | None = None) -> list[Prediction]:
+        """One :class:`Prediction` per path, in order; unreadable posters carry their error."""
+        table = gather(paths, self.models, cache_dir, batch_size, progress=progress)
+        probs = predict_proba(self.head, table.cnn, table.detectors) if len(table.rows) else np.zeros((0, len(self.genres)))
+        out = [Prediction(p) for p in paths]
+        for index, reason in table.errors().items():
+            out[index].error = reason
+        for r, row in enumerate(table.rows):
+            pred = out[row]
+            pred.probabilities = {g: float(p) for g, p in zip(self.genres, probs[r])}
+            chosen = [g for g, p, t in zip(self.genres, probs[r], self.thresholds) if p >= t]
+            # Every poster has some genre: if none clears its threshold, take the most probable.
+            pred.genres = sorted(chosen, key=lambda g: -pred.probabilities[g]) or [self.genres[int(probs[r].argmax())]]
+            if table.detectors is not None:
+                pred.evidence = evidence_from_features(table.detectors[r])
+        return out
+
+
+def check_compatible(card: dict, models: FrozenModels, where: Path) -> None:
+    """Refuse a model whose features would come from other detectors, backbone or schema."""
+    if card.get("detectors") and card["detectors"] != models.detectors.identity:
+        raise PosterFusionError(
+            f"{where}: model was trained on detector features {_short(card['detectors'])}, "
+            f"but this installation produces {_short(models.detectors.identity)}; retrain with 'fusion train'"
+        )
+    if card.get("backbone") and card["backbone"] != models.backbone.identity:
+        raise PosterFusionError(
+            f"{where}: model was trained on backbone {card['backbone'].get('name')} "
+            f"({card['backbone'].get('weights_sha256', '')[:12]}), not {models.backbone.identity['name']} "
+            f"({models.backbone.identity['weights_sha256'][:12]}); retrain with 'fusion train'"
+        )
+    if card.get("feature_schema") and card["feature_schema"]["version"] != schema.SCHEMA_VERSION:
+        raise PosterFusionError(
+            f"{where}: model uses feature schema v{card['feature_schema']['version']}, this installation v{schema.SCHEMA_VERSION}"
+        )
+
+
+def _short(identity: dict) -> str:
+    from .cache import identity_digest
+
+    return f"{identity.get('objects', {}).get('name', '?')}/schema v{identity.get('schema_version')} ({identity_digest(identity)})"
+
+
+_COL = {name: i for i, name in enumerate(schema.COLUMNS)}
+
+
+def evidence_from_features(row: np.ndarray) -> dict:
+    """What the detectors saw, read back from the feature vector (so cached posters explain too)."""
+    objects = {}
+    for cls in COCO_CLASSES:
+        count = int(row[_COL[f"obj_{cls.replace(' ', '_')}_count"]])
+        if count:
+            objects[cls] = count
+    faces = int(row[_COL["face_count"]])
+    evidence: dict = {"objects": dict(sorted(objects.items(), key=lambda kv: -kv[1])), "faces": faces}
+    if faces:
+        means = np.array([row[_COL[f"expr_{e}_mean"]] for e in EXPRESSIONS])
+        evidence["expression"] = EXPRESSIONS[int(means.argmax())]
+        evidence["expression_probability"] = round(float(means.max()), 3)
+    return evidence

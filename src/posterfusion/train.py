@@ -1,0 +1,229 @@
+"""Training the fusion head, top to bottom in one file (config is plain data).
+
+manifest -> cached features (computed where missing) -> seeded multi-label-stratified split ->
+standardise on train -> MLP with BCE (pos_weight for rare genres), AdamW -> early stopping on
+validation mAP -> per-genre thresholds tuned on validation -> weights + model card.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import metrics
+from .detectors import schema
+from .errors import PosterFusionError
+from .extract import FrozenModels, Progress, resolve_device
+from .features import gather
+from .manifest import Manifest, load_manifest
+from .model import MODES, FusionHead, HeadConfig, save_model
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """The default config, updated by a YAML file and then by explicit overrides (nested dicts)."""
+    import yaml
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise PosterFusionError(f"{path}: config file not found")
+        try:
+            _merge(config, yaml.safe_load(path.read_text()) or {}, str(path))
+        except yaml.YAMLError as exc:
+            raise PosterFusionError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    _merge(config, overrides or {}, "overrides")
+    if config["mode"] not in MODES:
+        raise PosterFusionError(f"config: mode must be one of {', '.join(MODES)}, not {config['mode']!r}")
+    return config
+
+
+def _merge(base: dict, update: dict, where: str) -> None:
+    for key, value in update.items():
+        if key not in base:
+            raise PosterFusionError(f"{where}: unknown config key '{key}' (known: {', '.join(base)})")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            _merge(base[key], value, f"{where}:{key}")
+        else:
+            base[key] = value
+
+
+def models_for(config: dict, device: str = "auto") -> FrozenModels:
+    """The frozen models a config's mode needs (detectors, backbone or both)."""
+    mode = config["mode"]
+    return FrozenModels(
+        objects=config["objects"] if mode in ("detectors", "fusion") else None,
+        backbone=config["backbone"] if mode in ("cnn", "fusion") else None,
+        device=device,
+    )
+
+
+def label_matrix(manifest: Manifest, rows: np.ndarray, genres: list[str]) -> np.ndarray:
+    index = {g: i for i, g in enumerate(genres)}
+    y = np.zeros((len(rows), len(genres)), np.float32)
+    for r, genre_list in enumerate(manifest.table["genre_list"].iloc[rows]):
+        for g in genre_list:
+            if g in index:
+                y[r, index[g]] = 1.0
+    return y
+
+
+def split_rows(manifest: Manifest, rows: np.ndarray, y: np.ndarray, config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation positions: the manifest's ``split`` column, else a seeded stratified split."""
+    if "split" in manifest.table.columns:
+        split = manifest.table["split"].iloc[rows].fillna("").str.strip().str.lower().to_numpy()
+        train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+        if len(train) == 0 or len(val) == 0:
+            raise PosterFusionError(f"{manifest.source}: 'split' column needs both 'train' and 'val' rows")
+        return train, val
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=config["val_fraction"], random_state=config["seed"])
+    train, val = next(splitter.split(np.zeros(len(y)), y))
+    return np.sort(train), np.sort(val)
+
+
+def pos_weight(y: np.ndarray, config: dict) -> torch.Tensor:
+    """(negatives/positives)^power per genre, capped: rare genres are not ignored by BCE."""
+    power = {"none": 0.0, "sqrt": 0.5, "full": 1.0}[config["loss"]["pos_weight"]]
+    pos = y.sum(0).clip(min=1)
+    weight = ((len(y) - pos) / pos) ** power
+    return torch.as_tensor(np.minimum(weight, config["loss"]["max_pos_weight"]), dtype=torch.float32)
+
+
+def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, val: np.ndarray,
+             config: dict, device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionHead, dict]:
+    """Train one head with early stopping on validation mAP; returns the best head and history."""
+    torch.manual_seed(config["seed"])
+    generator = torch.Generator().manual_seed(config["seed"])
+    head = FusionHead(HeadConfig(
+        mode=config["mode"],
+        cnn_dim=cnn.shape[1] if cnn is not None else 0,
+        detector_dim=det.shape[1] if det is not None else 0,
+        n_genres=y.shape[1],
+        **config["head"],
+    ))
+    log_mask = np.isin(schema.COLUMNS, schema.COUNT_COLUMNS) if det is not None else None
+    head.fit_standardizers(cnn[train] if cnn is not None else None, det[train] if det is not None else None, log_mask)
+    head.set_genre_prior(y[train].mean(0))
+    head.to(device)
+
+    def tensor(a: np.ndarray | None, idx: np.ndarray) -> torch.Tensor | None:
+        return None if a is None else torch.as_tensor(a[idx], device=device)
+
+    x_train = (tensor(cnn, train), tensor(det, train))
+    x_val = (tensor(cnn, val), tensor(det, val))
+    y_train = torch.as_tensor(y[train], device=device)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight(y[train], config).to(device))
+    opt = config["optim"]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt["epochs"])
+
+    best = {"map": -1.0, "epoch": -1, "state": None}
+    history = []
+    for epoch in range(opt["epochs"]):
+        head.train()
+        order = torch.randperm(len(train), generator=generator).to(device)
+        total = 0.0
+        for start in range(0, len(train), opt["batch_size"]):
+            idx = order[start : start + opt["batch_size"]]
+            logits = head(*(None if x is None else x[idx] for x in x_train))
+            loss = loss_fn(logits, y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(idx)
+        scheduler.step()
+        val_prob = predict_proba(head, *x_val)
+        val_map = metrics.mean_average_precision(y[val], val_prob)
+        history.append({"epoch": epoch + 1, "loss": total / len(train), "val_map": val_map})
+        if on_epoch:
+            on_epoch(epoch + 1, total / len(train), val_map)
+        if val_map > best["map"]:
+            best = {"map": val_map, "epoch": epoch + 1, "state": copy.deepcopy(head.state_dict())}
+        elif epoch + 1 - best["epoch"] >= opt["patience"]:
+            break
+    head.load_state_dict(best["state"])
+    return head.eval(), {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history}
+
+
+@torch.inference_mode()
+def predict_proba(head: FusionHead, cnn: torch.Tensor | None, det: torch.Tensor | None, batch: int = 4096) -> np.ndarray:
+    """Genre probabilities for feature rows, in batches (eval mode)."""
+    head.eval()
+    n = len(cnn) if cnn is not None else len(det)
+    device = next(head.parameters()).device
+    out = []
+    for s in range(0, n, batch):
+        parts = [None if x is None else torch.as_tensor(x[s : s + batch], device=device) for x in (cnn, det)]
+        out.append(torch.sigmoid(head(*parts)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, head.config.n_genres), np.float32)
+
+
+def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_dir: str | Path,
+          device: str = "auto", progress: Progress | None = None,
+          on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
+    """The whole `fusion train` command as a function; returns the model card."""
+    start = time.perf_counter()
+    manifest = load_manifest(manifest_path)
+    if not manifest.labelled:
+        raise PosterFusionError(f"{manifest_path}: training needs a 'genres' column")
+    models = models_for(config, device)
+    table = gather(manifest.paths, models, cache_dir, progress=progress)
+    counts = {g: 0 for g in manifest.genres()}
+    for genre_list in manifest.table["genre_list"].iloc[table.rows]:
+        for g in genre_list:
+            counts[g] += 1
+    genres = [g for g, c in counts.items() if c >= config["min_genre_posters"]]
+    if not genres:
+        raise PosterFusionError(f"{manifest_path}: no genre has {config['min_genre_posters']} posters or more")
+    y = label_matrix(manifest, table.rows, genres)
+    train_idx, val_idx = split_rows(manifest, table.rows, y, config)
+
+    torch_device = resolve_device(device)
+    head, fit = fit_head(table.cnn, table.detectors, y, train_idx, val_idx, config, torch_device, on_epoch)
+    head.cpu()
+    val_prob = predict_proba(head, _rows(table.cnn, val_idx), _rows(table.detectors, val_idx))
+    thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
+    validation = metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
+    prior = metrics.mean_average_precision(y[val_idx], metrics.prior_scores(y[train_idx], len(val_idx)))
+
+    card = {
+        "format": "posterfusion-model/1",
+        "genres": genres,
+        "thresholds": [round(float(t), 4) for t in thresholds],
+        "train_genre_frequency": [round(float(f), 5) for f in y[train_idx].mean(0)],
+        "config": config,
+        "feature_schema": {"version": schema.SCHEMA_VERSION, "columns": schema.COLUMNS} if table.detectors is not None else None,
+        "detectors": models.detectors.identity if models.detectors else None,
+        "backbone": models.backbone.identity if models.backbone else None,
+        "validation": {k: validation[k] for k in ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")}
+        | {"prior_map": prior, "n_posters": len(val_idx), "per_genre": validation["per_genre"]},
+        "training": {
+            "manifest": str(manifest_path),
+            "manifest_sha256": hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest(),
+            "manifest_rows": len(manifest),
+            "posters_used": int(len(table.rows)),
+            "train_posters": int(len(train_idx)),
+            "val_posters": int(len(val_idx)),
+            "unreadable_posters": len(table.failures),
+            "best_epoch": fit["best_epoch"],
+            "epochs_run": fit["epochs_run"],
+            "seconds": round(time.perf_counter() - start, 1),
+            "device": str(torch_device),
+        },
+    }
+    save_model(out_dir, head, card)
+    return card
+
+
+def _rows(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[idx]

@@ -1,0 +1,22 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_poster(path: Path, seed: int = 0, size: tuple[int, int] = (120, 180), mode: str = "RGB") -> Path:
+    """A small deterministic picture: coloured noise over gradients, so JPEG sizes are realistic."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.linspace(0, 255, w * h * 3).reshape(h, w, 3)
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

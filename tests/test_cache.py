@@ -1,0 +1,77 @@
+"""The Parquet cache: identity-separated stores, atomic parts, deduplicated reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from posterfusion import cache as cache_module
+from posterfusion.cache import FeatureStore, describe_cache, find_store, list_stores
+from posterfusion.errors import PosterFusionError
+
+IDENTITY = {"schema_version": 1, "objects": {"name": "nanodet", "weights_sha256": "abc"}}
+COLUMNS = ["a_count", "b_maxconf"]
+
+
+def _store(root: Path, identity: dict = IDENTITY) -> FeatureStore:
+    return FeatureStore.open(root, "detectors", identity, COLUMNS)
+
+
+def test_rows_round_trip_and_are_readable_by_pandas(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.append(["k1", "k2"], ["p1", "p2"], np.array([[1, 0.5], [2, 0.25]]))
+    keys, values = store.read(["k2", "missing", "k1"])
+    assert keys == ["k2", "k1"] and values.tolist() == [[2, 0.25], [1, 0.5]]
+    table = pd.read_parquet(store.folder)
+    assert list(table.columns) == ["key", "path", *COLUMNS] and len(table) == 2
+
+
+def test_embeddings_are_one_list_column(tmp_path: Path) -> None:
+    store = FeatureStore.open(tmp_path, "backbone", {"name": "cnn"}, ["e0", "e1", "e2"])
+    store.append(["k"], ["p"], np.array([[0.1, 0.2, 0.3]]))
+    assert np.allclose(store.read()[1], [[0.1, 0.2, 0.3]])
+    assert list(pd.read_parquet(store.folder).columns) == ["key", "path", "embedding"]
+
+
+def test_different_identities_never_mix(tmp_path: Path) -> None:
+    _store(tmp_path).append(["k"], ["p"], np.ones((1, 2)))
+    other = {**IDENTITY, "schema_version": 2}
+    assert _store(tmp_path, other).keys() == set()
+    assert len(list_stores(tmp_path)) == 2
+    with pytest.raises(PosterFusionError, match="no detectors features"):
+        find_store(tmp_path, "detectors", {**IDENTITY, "schema_version": 3})
+
+
+def test_duplicates_and_leftover_temp_files_are_harmless(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.append(["k"], ["p"], np.ones((1, 2)))
+    store.append(["k"], ["moved/p"], np.ones((1, 2)))
+    (store.folder / ".part-killed.parquet.tmp").write_bytes(b"half a file")
+    reopened = _store(tmp_path)
+    assert reopened.read()[0] == ["k"]
+    assert not list(store.folder.glob(".*.tmp"))
+
+
+def test_compaction_keeps_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "COMPACT_AFTER", 3)
+    store = _store(tmp_path)
+    for i in range(5):
+        store.append([f"k{i}"], [f"p{i}"], np.full((1, 2), i))
+    store.compact()
+    assert len(store.parts()) == 1
+    keys, values = store.read()
+    assert sorted(keys) == [f"k{i}" for i in range(5)] and values.sum() == 2 * sum(range(5))
+
+
+def test_describe_reports_posters_identity_and_columns(tmp_path: Path) -> None:
+    _store(tmp_path).append(["k1", "k2"], ["p1", "p2"], np.zeros((2, 2)))
+    report = describe_cache(tmp_path)
+    assert report["posters"] == 2 and report["detectors"] == IDENTITY and report["columns"] == COLUMNS
+
+
+def test_missing_cache_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PosterFusionError, match="no such cache folder"):
+        describe_cache(tmp_path / "nope")
