@@ -103,8 +103,12 @@ class Backbone:
         return self.model(self.normalize(batch))
 
 
-def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True) -> Backbone:
-    """Build a backbone by name; ``pretrained`` loads its offline ImageNet weights."""
+def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
+    """Build a backbone by name; ``pretrained`` loads its offline ImageNet weights.
+
+    ``weights`` is a fine-tuned state dict (safetensors, saved by ``fusion train`` in fine-tune
+    mode); its checksum becomes the backbone's identity, so its embeddings never mix with others.
+    """
     import timm
 
     if name not in BACKBONES:
@@ -114,7 +118,15 @@ def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True) -
     spec = BACKBONES[name]
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
     sha = "random-init"
-    if pretrained:
+    if weights is not None:
+        from safetensors.torch import load_file
+
+        try:
+            model.load_state_dict(load_file(str(weights)), strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise PosterFusionError(f"{weights}: not fine-tuned {name} weights ({str(exc).splitlines()[0]})") from None
+        sha = file_sha256(str(weights))
+    elif pretrained:
         try:
             path = spec.weights_file()
             if not path.is_file():

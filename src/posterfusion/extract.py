@@ -119,14 +119,14 @@ class FrozenModels:
     """The detector set and the backbone, on one device, run on prepared batches."""
 
     def __init__(self, objects: str | None = "nanodet", backbone: str | None = "efficientnet_lite0",
-                 device: str = "auto") -> None:
+                 device: str = "auto", backbone_weights: str | Path | None = None) -> None:
         self.device = resolve_device(device)
         if self.device.type == "cuda":
             # Cached features must not depend on the hardware: no TF32 shortcuts in frozen models.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.detectors = DetectorSet(objects, self.device) if objects else None
-        self.backbone = create_backbone(backbone).to(self.device) if backbone else None
+        self.backbone = create_backbone(backbone, weights=backbone_weights).to(self.device) if backbone else None
         self.timings: dict[str, float] = {}
 
     @torch.inference_mode()

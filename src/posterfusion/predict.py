@@ -54,10 +54,12 @@ class Predictor:
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.head, self.card = load_model(self.model_dir)
         config = self.card["config"]
+        weights_file = (self.card.get("backbone") or {}).get("weights_file")  # a fine-tuned backbone
         self.models = FrozenModels(
             objects=config["objects"] if self.card.get("detectors") else None,
             backbone=config["backbone"] if self.card.get("backbone") else None,
             device=device,
+            backbone_weights=self.model_dir / weights_file if weights_file else None,
         )
         check_compatible(self.card, self.models, self.model_dir)
         self.genres: list[str] = self.card["genres"]
@@ -89,7 +91,8 @@ def check_compatible(card: dict, models: FrozenModels, where: Path) -> None:
             f"{where}: model was trained on detector features {_short(card['detectors'])}, "
             f"but this installation produces {_short(models.detectors.identity)}; retrain with 'fusion train'"
         )
-    if card.get("backbone") and card["backbone"] != models.backbone.identity:
+    trained = {k: v for k, v in (card.get("backbone") or {}).items() if k not in ("weights_file", "fine_tuned_from")}
+    if trained and trained != models.backbone.identity:
         raise PosterFusionError(
             f"{where}: model was trained on backbone {card['backbone'].get('name')} "
             f"({card['backbone'].get('weights_sha256', '')[:12]}), not {models.backbone.identity['name']} "

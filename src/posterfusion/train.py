@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from . import metrics
 from .detectors import schema
 from .errors import PosterFusionError
 from .extract import FrozenModels, Progress, resolve_device
-from .features import gather
+from .features import FeatureTable, gather
 from .manifest import Manifest, load_manifest
 from .model import MODES, FusionHead, HeadConfig, save_model
 
@@ -140,7 +141,7 @@ def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, trai
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         scheduler.step()
         val_prob = predict_proba(head, *x_val)
         val_map = metrics.mean_average_precision(y[val], val_prob)
@@ -168,11 +169,33 @@ def predict_proba(head: FusionHead, cnn: torch.Tensor | None, det: torch.Tensor 
     return np.concatenate(out) if out else np.zeros((0, head.config.n_genres), np.float32)
 
 
-def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_dir: str | Path,
-          device: str = "auto", progress: Progress | None = None,
-          on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
-    """The whole `fusion train` command as a function; returns the model card."""
-    start = time.perf_counter()
+def fit_and_validate(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray,
+                     val_idx: np.ndarray, genres: list[str], config: dict, device: torch.device,
+                     on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionHead, dict, np.ndarray, dict]:
+    """Fit a head, tune per-genre thresholds on validation, and score it there (what ablations compare)."""
+    head, fit = fit_head(cnn, det, y, train_idx, val_idx, config, device, on_epoch)
+    head.cpu()
+    val_prob = predict_proba(head, _rows(cnn, val_idx), _rows(det, val_idx))
+    thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
+    return head, fit, thresholds, metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
+
+
+@dataclass
+class TrainingData:
+    """Everything a head is fitted on: features, labels and the split, for one manifest."""
+
+    manifest: Manifest
+    models: FrozenModels
+    table: FeatureTable
+    genres: list[str]
+    y: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+
+def prepare_data(manifest_path: str | Path, cache_dir: str | Path, config: dict, device: str = "auto",
+                 progress: Progress | None = None) -> TrainingData:
+    """Manifest -> cached features (computed where missing) -> genre vocabulary, labels, split."""
     manifest = load_manifest(manifest_path)
     if not manifest.labelled:
         raise PosterFusionError(f"{manifest_path}: training needs a 'genres' column")
@@ -187,13 +210,39 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         raise PosterFusionError(f"{manifest_path}: no genre has {config['min_genre_posters']} posters or more")
     y = label_matrix(manifest, table.rows, genres)
     train_idx, val_idx = split_rows(manifest, table.rows, y, config)
+    return TrainingData(manifest, models, table, genres, y, train_idx, val_idx)
+
+
+def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_dir: str | Path,
+          device: str = "auto", progress: Progress | None = None,
+          on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
+    """The whole `fusion train` command as a function; returns the model card."""
+    start = time.perf_counter()
+    data = prepare_data(manifest_path, cache_dir, config, device, progress)
+    manifest, table, genres, y, train_idx, val_idx, models = (
+        data.manifest, data.table, data.genres, data.y, data.train_idx, data.val_idx, data.models
+    )
 
     torch_device = resolve_device(device)
-    head, fit = fit_head(table.cnn, table.detectors, y, train_idx, val_idx, config, torch_device, on_epoch)
-    head.cpu()
-    val_prob = predict_proba(head, _rows(table.cnn, val_idx), _rows(table.detectors, val_idx))
-    thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
-    validation = metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
+    head, fit, thresholds, validation = fit_and_validate(
+        table.cnn, table.detectors, y, train_idx, val_idx, genres, config, torch_device, on_epoch
+    )
+    backbone_identity = models.backbone.identity if models.backbone else None
+    if config["finetune"]["enabled"]:
+        from .backbone import create_backbone
+        from .finetune import finetune
+
+        if models.backbone is None:
+            raise PosterFusionError("config: finetune needs a CNN branch (mode fusion or cnn)")
+        paths = [manifest.paths[i] for i in table.rows]
+        head, fit, val_prob, backbone_file = finetune(
+            paths, table.detectors, y, train_idx, val_idx, head, config, torch_device, Path(out_dir), on_epoch
+        )
+        thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
+        validation = metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
+        backbone_identity = create_backbone(config["backbone"], weights=backbone_file).identity | {
+            "weights_file": backbone_file.name, "fine_tuned_from": models.backbone.identity["weights_sha256"],
+        }
     prior = metrics.mean_average_precision(y[val_idx], metrics.prior_scores(y[train_idx], len(val_idx)))
 
     card = {
@@ -204,7 +253,7 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         "config": config,
         "feature_schema": {"version": schema.SCHEMA_VERSION, "columns": schema.COLUMNS} if table.detectors is not None else None,
         "detectors": models.detectors.identity if models.detectors else None,
-        "backbone": models.backbone.identity if models.backbone else None,
+        "backbone": backbone_identity,
         "validation": {k: validation[k] for k in ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")}
         | {"prior_map": prior, "n_posters": len(val_idx), "per_genre": validation["per_genre"]},
         "training": {
