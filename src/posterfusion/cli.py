@@ -64,7 +64,8 @@ class _RichProgress:
         self.bar.update(self.task, advance=n, rate=f"{rate:.1f} posters/s")
 
     def failure(self, path: str, reason: str) -> None:
-        self.bar.console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+        # soft_wrap: one line per failure even when the path is wider than the terminal
+        self.bar.console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
 
 
 @detect_cache_app.command("build")
@@ -136,7 +137,7 @@ def train_command(
         card = train(manifest, cache, settings, out, device, progress, on_epoch)
     v, t = card["validation"], card["training"]
     typer.echo(
-        f"trained {settings['mode']} on {t['train_posters']} posters (best epoch {t['best_epoch']}/{t['epochs_run']}, "
+        f"trained {settings['mode']} on {t['train_posters']} posters (best epochs {t['best_epoch']} of {t['epochs_run']}, "
         f"{t['seconds']:.0f} s): val mAP {v['map']:.3f} (prior {v['prior_map']:.3f}), micro-F1 {v['micro_f1']:.3f}, "
         f"macro-F1 {v['macro_f1']:.3f}, top-n {v['top_n_accuracy']:.3f} -> {out}"
     )

@@ -124,7 +124,7 @@ def finetune(paths: list[str], det: np.ndarray | None, y: np.ndarray, train_idx:
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone_file = out_dir / BACKBONE_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}, str(backbone_file))
-    return head.cpu().eval(), {"best_epoch": best["epoch"], "epochs_run": len(history) - 1, "history": history}, best_prob, backbone_file
+    return head.cpu().eval(), {"best_epoch": [best["epoch"]], "epochs_run": [len(history) - 1], "history": history}, best_prob, backbone_file
 
 
 def _freeze_batchnorm(model: torch.nn.Module) -> None:

@@ -98,6 +98,9 @@ class FusionHead(nn.Module):
             parts.append(self.detector_branch(self.detector_norm(detectors)))
         return self.classifier(torch.cat(parts, dim=1))
 
+    def probabilities(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None) -> torch.Tensor:
+        return torch.sigmoid(self(cnn, detectors))
+
     def set_genre_prior(self, frequencies: np.ndarray) -> None:
         """Start the output biases at the genres' log-odds: early epochs need not learn the prior."""
         p = np.clip(frequencies, 1e-4, 1 - 1e-4)
@@ -105,11 +108,23 @@ class FusionHead(nn.Module):
             self.classifier[-1].bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32))
 
 
+class FusionEnsemble(nn.Module):
+    """Heads trained from different seeds, probabilities averaged: steadier than any one of them."""
+
+    def __init__(self, heads: list[FusionHead]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.config = heads[0].config
+
+    def probabilities(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None) -> torch.Tensor:
+        return torch.stack([head.probabilities(cnn, detectors) for head in self.heads]).mean(0)
+
+
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 
 
-def save_model(out_dir, head: FusionHead, card: dict) -> None:
+def save_model(out_dir, model: FusionEnsemble, card: dict) -> None:
     """Weights as safetensors and everything needed to use them as a JSON model card."""
     import json
     from pathlib import Path
@@ -118,13 +133,13 @@ def save_model(out_dir, head: FusionHead, card: dict) -> None:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    card = {**card, "head": head.config.to_dict()}
+    card = {**card, "head": model.config.to_dict(), "ensemble": len(model.heads)}
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
-def load_model(model_dir) -> tuple[FusionHead, dict]:
+def load_model(model_dir) -> tuple[FusionEnsemble, dict]:
     """Read a model folder written by :func:`save_model`; errors name the file at fault."""
     import json
     from pathlib import Path
@@ -140,8 +155,8 @@ def load_model(model_dir) -> tuple[FusionHead, dict]:
             raise PosterFusionError(f"{path}: not found; a model folder holds {CARD_FILE} and {WEIGHTS_FILE} (made by 'fusion train')")
     try:
         card = json.loads(card_path.read_text())
-        head = FusionHead(HeadConfig(**card["head"]))
-        head.load_state_dict(load_file(str(weights_path)), strict=True)
+        model = FusionEnsemble([FusionHead(HeadConfig(**card["head"])) for _ in range(card.get("ensemble", 1))])
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise PosterFusionError(f"{folder}: model card and weights do not fit together ({str(exc).splitlines()[0]})") from None
-    return head.eval(), card
+    return model.eval(), card

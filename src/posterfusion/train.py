@@ -23,7 +23,7 @@ from .errors import PosterFusionError
 from .extract import FrozenModels, Progress, resolve_device
 from .features import FeatureTable, gather
 from .manifest import Manifest, load_manifest
-from .model import MODES, FusionHead, HeadConfig, save_model
+from .model import MODES, FusionEnsemble, FusionHead, HeadConfig, save_model
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
@@ -157,27 +157,34 @@ def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, trai
 
 
 @torch.inference_mode()
-def predict_proba(head: FusionHead, cnn: torch.Tensor | None, det: torch.Tensor | None, batch: int = 4096) -> np.ndarray:
+def predict_proba(model: FusionHead | FusionEnsemble, cnn: np.ndarray | None, det: np.ndarray | None,
+                  batch: int = 4096) -> np.ndarray:
     """Genre probabilities for feature rows, in batches (eval mode)."""
-    head.eval()
+    model.eval()
     n = len(cnn) if cnn is not None else len(det)
-    device = next(head.parameters()).device
+    device = next(model.parameters()).device
     out = []
     for s in range(0, n, batch):
         parts = [None if x is None else torch.as_tensor(x[s : s + batch], device=device) for x in (cnn, det)]
-        out.append(torch.sigmoid(head(*parts)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, head.config.n_genres), np.float32)
+        out.append(model.probabilities(*parts).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.n_genres), np.float32)
 
 
 def fit_and_validate(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray,
                      val_idx: np.ndarray, genres: list[str], config: dict, device: torch.device,
-                     on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionHead, dict, np.ndarray, dict]:
-    """Fit a head, tune per-genre thresholds on validation, and score it there (what ablations compare)."""
-    head, fit = fit_head(cnn, det, y, train_idx, val_idx, config, device, on_epoch)
-    head.cpu()
-    val_prob = predict_proba(head, _rows(cnn, val_idx), _rows(det, val_idx))
+                     on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionEnsemble, dict, np.ndarray, dict]:
+    """Fit ``optim.ensemble`` heads (seeds seed, seed+1, ...), tune per-genre thresholds on
+    validation for their averaged probabilities, and score them there (what ablations compare)."""
+    heads, fits = [], []
+    for k in range(config["optim"]["ensemble"]):
+        head, fit = fit_head(cnn, det, y, train_idx, val_idx, config | {"seed": config["seed"] + k}, device, on_epoch)
+        heads.append(head.cpu())
+        fits.append(fit)
+    model = FusionEnsemble(heads)
+    val_prob = predict_proba(model, _rows(cnn, val_idx), _rows(det, val_idx))
     thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
-    return head, fit, thresholds, metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
+    fit = {"best_epoch": [f["best_epoch"] for f in fits], "epochs_run": [f["epochs_run"] for f in fits]}
+    return model, fit, thresholds, metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
 
 
 @dataclass
@@ -235,9 +242,11 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         if models.backbone is None:
             raise PosterFusionError("config: finetune needs a CNN branch (mode fusion or cnn)")
         paths = [manifest.paths[i] for i in table.rows]
-        head, fit, val_prob, backbone_file = finetune(
-            paths, table.detectors, y, train_idx, val_idx, head, config, torch_device, Path(out_dir), on_epoch
+        # The backbone is shared, so only the first head of the ensemble is fine-tuned with it.
+        tuned, fit, val_prob, backbone_file = finetune(
+            paths, table.detectors, y, train_idx, val_idx, head.heads[0], config, torch_device, Path(out_dir), on_epoch
         )
+        head = FusionEnsemble([tuned])
         thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
         validation = metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
         backbone_identity = create_backbone(config["backbone"], weights=backbone_file).identity | {
