@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import write_poster
+
+from posterfusion.extract import FrozenModels as _REAL_FROZEN_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 POSTERS = REPO.parent / "shared" / "data" / "movieposters"
@@ -35,3 +40,99 @@ def tiny_manifest(tmp_path: Path) -> Path:
         "poster,genres,title\nimg/p0.jpg,Drama|Comedy,a\nimg/p1.jpg,Horror,b\nimg/p2.jpg,,c\nimg/p3.jpg,Drama,d\n"
     )
     return manifest
+
+
+# --- frozen models, shared --------------------------------------------------------------------
+#
+# Loading the detectors and the backbone takes seconds; every test (and every CLI command run
+# through CliRunner) gets the same instances instead.
+
+_MODELS: dict = {}
+
+
+def _shared_frozen_models(*args, **kwargs):
+    """Stand-in for FrozenModels(...) that loads each combination of models once per session."""
+    import inspect
+
+    from posterfusion import extract
+
+    bound = inspect.signature(_REAL_FROZEN_MODELS).bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    if "device" in arguments:
+        arguments["device"] = extract.resolve_device(arguments["device"])  # 'auto' and 'cpu' are one
+    key = repr(sorted((name, str(value)) for name, value in arguments.items()))
+    if key not in _MODELS:
+        _MODELS[key] = _REAL_FROZEN_MODELS(*args, **kwargs)
+    return _MODELS[key]
+
+
+@pytest.fixture(scope="session")
+def frozen_models():
+    """The default frozen models (NanoDet, MTCNN, mini-XCEPTION, EfficientNet-Lite0) on the CPU."""
+    return _shared_frozen_models("nanodet", "efficientnet_lite0", "cpu")
+
+
+def share_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the CLI and library reuse loaded models: FrozenModels(...) is memoised."""
+    import posterfusion.extract
+    import posterfusion.predict
+    import posterfusion.train
+
+    for module in (posterfusion.extract, posterfusion.predict, posterfusion.train):
+        monkeypatch.setattr(module, "FrozenModels", _shared_frozen_models)
+
+
+@pytest.fixture
+def shared_models(monkeypatch: pytest.MonkeyPatch, frozen_models):
+    """The session's loaded models, also behind every FrozenModels(...) the code under test makes."""
+    share_models(monkeypatch)
+    return frozen_models
+
+
+# --- a real-poster cache, built once ----------------------------------------------------------
+
+REAL_POSTERS = 300  # spread evenly over the 10,000 (the CSV is sorted by IMDb id, so by age)
+REAL_STEP = 33
+HELD_OUT_EVERY = 5  # every 5th of them is kept out of training, for `fusion evaluate`
+
+
+@dataclass
+class RealCache:
+    """A feature cache of real posters, shared by the slow tests: copy it before writing to it."""
+
+    cache: Path
+    manifest: Path  # all posters, absolute paths
+    train_manifest: Path
+    eval_manifest: Path
+    paths: list[str]
+    seconds: float
+
+    def copy(self, dest: Path) -> Path:
+        shutil.copytree(self.cache, dest)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def real_cache(real_manifest: Path, frozen_models, tmp_path_factory: pytest.TempPathFactory) -> RealCache:
+    """~300 real posters through the library's build_cache, with manifests for training and evaluation."""
+    import pandas as pd
+
+    from posterfusion.extract import build_cache, open_stores
+
+    root = tmp_path_factory.mktemp("real")
+    table = pd.read_csv(real_manifest, dtype=str, keep_default_na=False)
+    subset = table.iloc[::REAL_STEP].head(REAL_POSTERS).reset_index(drop=True)
+    subset["poster"] = [str((real_manifest.parent / p).resolve()) for p in subset["poster"]]
+    held_out = (subset.index % HELD_OUT_EVERY) == HELD_OUT_EVERY - 1
+    subset.to_csv(root / "all.csv", index=False)
+    subset[~held_out].to_csv(root / "train.csv", index=False)
+    subset[held_out].to_csv(root / "eval.csv", index=False)
+
+    cache = root / "cache"
+    paths = subset["poster"].tolist()
+    start = time.perf_counter()
+    summary = build_cache(paths, open_stores(frozen_models, cache), frozen_models, batch_size=32)
+    seconds = time.perf_counter() - start
+    assert summary.failed == 0, summary.failures
+    return RealCache(cache, root / "all.csv", root / "train.csv", root / "eval.csv", paths, seconds)

@@ -26,6 +26,24 @@ MAX_PIXELS = 80_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
+def _pil_open():
+    """PIL's own ``Image.open``, even where a package has monkey-patched it.
+
+    Importing ultralytics (the YOLO backend, the sample images) replaces ``Image.open`` with a
+    wrapper that, on a file PIL cannot identify, tries to pip-install ``pi-heif`` and then fails
+    with ModuleNotFoundError offline: a text file named .jpg would crash a whole build.
+    """
+    import sys
+
+    open_ = Image.open
+    if getattr(open_, "__module__", Image.__name__) != Image.__name__:
+        open_ = getattr(sys.modules.get(open_.__module__), "_image_open", open_)
+    return open_
+
+
+_OPEN = _pil_open()
+
+
 class BadImage(Exception):
     """A poster file that cannot be decoded; the message is the reason, without the path."""
 
@@ -56,7 +74,7 @@ def decode_bytes(data: bytes) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = _OPEN(io.BytesIO(data))
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise BadImage(
