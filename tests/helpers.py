@@ -20,3 +20,14 @@ def write_poster(path: Path, seed: int = 0, size: tuple[int, int] = (120, 180), 
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """Exit code 2, no traceback, stderr exactly one 'error: ...' line holding the fragments."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

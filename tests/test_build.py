@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import write_poster
+from helpers import write_poster, assert_one_line_error
 from typer.testing import CliRunner
 
 from posterfusion.cache import list_stores
@@ -44,17 +44,6 @@ def summary_of(output: str) -> dict[str, int]:
     match = SUMMARY.search(output)
     assert match, f"no build summary in:\n{output}"
     return {k: int(v) for k, v in match.groupdict().items()}
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    """Exit code 2, no traceback, stderr exactly one 'error: ...' line holding the fragments."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def cache_contents(cache: Path) -> dict[str, dict[str, tuple[str, np.ndarray]]]:

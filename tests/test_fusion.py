@@ -20,10 +20,10 @@ import pytest
 from conftest import share_models
 from typer.testing import CliRunner
 
-from posterfusion import model as model_module
+from helpers import assert_one_line_error
 from posterfusion.cli import fusion_app
 from posterfusion.features import gather
-from posterfusion.model import load_model, save_model
+from posterfusion.model import FusionEnsemble, load_model, save_model
 from posterfusion.predict import Predictor
 from posterfusion.train import fit_head, label_matrix, load_config, predict_proba, split_rows
 from posterfusion.manifest import load_manifest
@@ -34,16 +34,6 @@ METRIC_KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy", "p
 def invoke(*args: object):
     """Run a `fusion` command in-process; unexpected exceptions propagate with their traceback."""
     return CliRunner().invoke(fusion_app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def copy_model(model: Path, dest: Path, **card_changes) -> Path:
@@ -157,8 +147,7 @@ def test_save_and_load_give_identical_predictions(real_cache, frozen_models, tmp
         config = load_config(None, {"optim": {"epochs": 3}, "seed": seed})
         train, val = split_rows(manifest, table.rows, y, config)
         heads.append(fit_head(table.cnn, table.detectors, y, train, val, config, frozen_models.device)[0])
-    # What `fusion train` saves: an ensemble of heads where the model has one, else a head.
-    model = model_module.FusionEnsemble(heads) if hasattr(model_module, "FusionEnsemble") else heads[0]
+    model = FusionEnsemble(heads)
     before = predict_proba(model, table.cnn, table.detectors)
 
     save_model(tmp_path / "m", model, {"genres": genres})
