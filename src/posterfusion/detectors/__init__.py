@@ -35,9 +35,9 @@ class Evidence:
 def object_prepare(objects: str):
     """The worker-side preprocessing of an object backend, without loading its model."""
     if objects == "nanodet":
-        from .nanodet import preprocess
+        from .nanodet import resize_input
 
-        return preprocess
+        return resize_input
     if objects.startswith("yolo:"):
         from .yolo import prepare
 

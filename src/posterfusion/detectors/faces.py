@@ -43,11 +43,12 @@ class FaceDetector:
     """Batched MTCNN over face canvases; keeps faces with probability >= FACE_THRESHOLD."""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
-        try:
-            from facenet_pytorch import MTCNN
-        except ImportError:
-            raise PosterFusionError("face detector needs facenet-pytorch: pip install facenet-pytorch==2.5.3") from None
-        self.mtcnn = MTCNN(keep_all=True, min_face_size=MIN_FACE_SIZE, device=torch.device(device))
+        from .mtcnn import Mtcnn
+
+        # facenet-pytorch's MTCNN(keep_all=True) networks and weights, run by detectors/mtcnn.py
+        # without importing the package (see there); the same boxes and probabilities.
+        self.mtcnn = Mtcnn(min_face_size=MIN_FACE_SIZE, device=torch.device(device))
+        self.runtime = "torch"
         self.identity = {
             "name": "mtcnn",
             "package": f"facenet-pytorch {metadata.version('facenet-pytorch')}",
@@ -61,15 +62,12 @@ class FaceDetector:
         """uint8 (B, H, W, 3) canvases -> per image (pixel boxes on the canvas, probabilities)."""
         if not len(canvases):
             return []
-        boxes, probs = self.mtcnn.detect(canvases.to(self.mtcnn.device))
+        from .mtcnn import detect
+
+        # facenet-pytorch's cascade with its per-box crop loops batched: the same boxes and
+        # probabilities as self.mtcnn.detect, bit for bit (tests/test_speedups.py).
         results = []
-        for image_boxes, image_probs in zip(boxes, probs):
-            if image_boxes is None:
-                results.append((np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)))
-                continue
-            # facenet-pytorch returns object arrays under numpy 2: cast them.
-            image_boxes = np.asarray(image_boxes, dtype=np.float32).reshape(-1, 4)
-            image_probs = np.asarray(image_probs, dtype=np.float32).reshape(-1)
+        for image_boxes, image_probs in detect(self.mtcnn, canvases.to(self.mtcnn.device)):
             keep = image_probs >= FACE_THRESHOLD
             results.append((image_boxes[keep], image_probs[keep]))
         return results
@@ -81,9 +79,9 @@ def faces_as_detections(boxes_px: np.ndarray, probs: np.ndarray, geometry: tuple
 
 
 def _weights_digest() -> str:
-    import facenet_pytorch
+    from .mtcnn import weights_folder
 
-    data = Path(facenet_pytorch.__file__).parent / "data"
+    data = weights_folder()
     digest = hashlib.sha256()
     for name in ("pnet.pt", "rnet.pt", "onet.pt"):
         digest.update((data / name).read_bytes())
