@@ -16,6 +16,18 @@ import sys
 import time
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. /proc's VmHWM, not getrusage: after fork+exec, ru_maxrss still
+    counts the parent's pages that the fork shared (the benchmark's own large process)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--paths", required=True, help="text file, one poster path a line")
@@ -36,7 +48,16 @@ def main() -> None:
         import torch
 
         torch.cuda.synchronize()
+    from posterfusion.extract import default_workers
+
+    gpu = {}
+    if models.device.type == "cuda":
+        import torch
+
+        gpu = {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
     print(json.dumps({
+        **gpu,
+        "workers": args.workers if args.workers is not None else default_workers(models.device),
         "posters": len(paths),
         "done": summary.done,
         "failed": summary.failed,
@@ -45,7 +66,7 @@ def main() -> None:
         "load_s": loaded,
         "wall_s": time.perf_counter() - start,
         "timings": models.timings,
-        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "maxrss_mb": peak_rss_mb(),
         "device": str(models.device),
     }))
     sys.stdout.flush()

@@ -5,8 +5,9 @@
 The reference holds features of some posters computed on a CPU (bench/make_reference.py). This
 recomputes them with FrozenModels on the GPU, as ``detect-cache build`` does, and reports the
 largest differences; then again with PyTorch's fp32 precision for convolutions and matmuls forced
-to IEEE through the newer ``fp32_precision`` settings, in case the legacy ``allow_tf32 = False``
-flags that FrozenModels sets do not reach every kernel.
+to IEEE through the newer ``fp32_precision`` settings (and deterministic cuDNN algorithms), in case
+the legacy ``allow_tf32 = False`` flags that FrozenModels sets do not reach every kernel: on an H100
+with torch 2.11 they read back as ``cudnn.conv.fp32_precision == 'none'``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import numpy as np
 import torch
 
 
-def features(paths: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+def features(paths: list[str], ieee: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
     from posterfusion.extract import FrozenModels, build_cache, open_stores
 
     models = FrozenModels("nanodet", "efficientnet_lite0", "cuda")
+    if ieee:  # after FrozenModels: its legacy allow_tf32 flags reset these (seen as 'none')
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     stores = open_stores(models, None)
-    summary = build_cache(paths, stores, models, 128, 0)
+    summary = build_cache(paths, stores, models, 32, 0)  # the reference's batch (MTCNN depends on it)
     keys, det = stores["detectors"].read(summary.keys)
     _, emb = stores["backbone"].read(summary.keys)
     return keys, det, emb
@@ -70,9 +76,7 @@ def main() -> None:
     report["pipeline_vs_cpu"] = compare(ref, keys, det, emb)
     print("pipeline:", report["settings_pipeline"], report["pipeline_vs_cpu"], flush=True)
     try:
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        keys, det, emb = features(paths)
+        keys, det, emb = features(paths, ieee=True)
         report["settings_ieee"] = precision_settings()
         report["ieee_vs_cpu"] = compare(ref, keys, det, emb)
         print("ieee:", report["settings_ieee"], report["ieee_vs_cpu"], flush=True)

@@ -155,14 +155,13 @@ class Forwards:
 
     def inputs(self, items: list) -> dict:
         """Everything the models take, already decoded, resized, normalised and on the device."""
-        from posterfusion.detectors import nanodet
         from posterfusion.detectors.mtcnn import detect as mtcnn_detect
 
         torch = self.torch
         out: dict = {"face_counts": [0] * len(items)}
         with torch.inference_mode():
-            if self.det is not None:
-                out["objects"] = nanodet.normalize(torch.stack([i.detector_input["objects"] for i in items]).to(self.device))
+            if self.det is not None:  # uint8, as the workers ship them: normalising is the model's
+                out["objects"] = torch.stack([i.detector_input["objects"] for i in items]).to(self.device)
                 out["canvases"] = torch.stack([i.detector_input["canvas"] for i in items]).to(self.device)
                 found = mtcnn_detect(self.det.faces.mtcnn, out["canvases"])
                 crops = [self.det.expressions.crop(i.detector_input["canvas"].numpy(), boxes)
@@ -170,7 +169,7 @@ class Forwards:
                 out["faces"] = torch.cat(crops).to(self.device)
                 out["face_counts"] = [len(c) for c in crops]
             if self.models.backbone is not None:
-                out["backbone"] = self.models.backbone.normalize(torch.stack([i.backbone_input for i in items]).to(self.device))
+                out["backbone"] = torch.stack([i.backbone_input for i in items]).to(self.device)
         return out
 
     def run(self, inputs: dict, lo: int, hi: int) -> dict[str, float]:
@@ -183,11 +182,11 @@ class Forwards:
         n_faces = sum(inputs["face_counts"][lo:hi])
         steps = {}
         if self.det is not None:  # each model in the runtime the pipeline uses
-            steps["objects"] = lambda: self.det.objects.network(inputs["objects"][lo:hi])
+            steps["objects"] = lambda: self.det.objects.forward(inputs["objects"][lo:hi])
             steps["faces"] = lambda: mtcnn_detect(self.det.faces.mtcnn, inputs["canvases"][lo:hi])
             steps["expressions"] = lambda: self.det.expressions.model(inputs["faces"][first:first + n_faces]) if n_faces else None
         if self.models.backbone is not None:
-            steps["backbone"] = lambda: self.models.backbone.forward(inputs["backbone"][lo:hi])
+            steps["backbone"] = lambda: self.models.backbone.embed(inputs["backbone"][lo:hi])
         with torch.inference_mode():
             for name, step in steps.items():
                 self.sync()
@@ -230,9 +229,11 @@ def compare_runtimes(models, items: list, batch_sizes: list[int]) -> dict:
     fw = Forwards(models)
     inputs = fw.inputs(items)
     det, backbone = models.detectors, models.backbone
-    pairs = {
-        "objects": (lambda x: det.objects.model(x), lambda x: det.objects.network(x), "objects"),
-        "backbone": (lambda x: backbone.model(x), lambda x: backbone.forward(x), "backbone"),
+    from posterfusion.detectors.nanodet import normalize
+
+    pairs = {  # both from the same uint8 input, normalisation included
+        "objects": (lambda x: det.objects.model(normalize(x)), lambda x: det.objects.forward(x), "objects"),
+        "backbone": (lambda x: backbone.model(backbone.normalize(x)), lambda x: backbone.embed(x), "backbone"),
     }
     out: dict = {}
     with torch.inference_mode():
@@ -304,14 +305,15 @@ def bench_train(manifest: Path, cache: Path, device: str, out: Path) -> dict:
             "epochs": card["training"]["epochs_run"], "val_map": card["validation"]["map"], "peak_pss_mb": peak}
 
 
-def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int = 12) -> dict:
+def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int = 12, cold_repeats: int = 3) -> dict:
     import torch
 
     from posterfusion.predict import Predictor
 
     result: dict = {}
     result["cold_s"] = median([
-        run_timed(cli("fusion_app", "predict", paths[i], "--model", str(model_dir), "--device", device))[0] for i in range(3)
+        run_timed(cli("fusion_app", "predict", paths[i], "--model", str(model_dir), "--device", device))[0]
+        for i in range(cold_repeats)
     ])
     predictor = Predictor(model_dir, device)
     fw = Forwards(predictor.models, predictor.head)
@@ -398,7 +400,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="model folder for predict (default: the one trained here)")
     parser.add_argument("--finetune", action="store_true", help="also measure fine-tune images/s (always on a GPU)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: help,stages,build,train,predict,finetune")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON (after every part)")
+    parser.add_argument("--sweep-workers", default="", help="also build --posters with these worker counts, e.g. 4,8,12")
     args = parser.parse_args()
 
     import torch
@@ -424,6 +427,11 @@ def main() -> None:
 
     report["errors"] = {}
 
+    def save() -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
     def attempt(part: str, fn) -> None:
         """Run one part; a failure is reported and the other parts still run."""
         if part in skip:
@@ -433,6 +441,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
             report["errors"][part] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
             log(f"{part} failed: {report['errors'][part]}")
+        save()  # a run cut short still leaves what it measured
 
     def do_help() -> None:
         report["help_s"] = bench_help(3 if gpu else 5)
@@ -510,19 +519,26 @@ def main() -> None:
         if model_dir is None:
             raise RuntimeError("no model: train one (drop --skip train) or pass --model")
         log("fusion predict ...")
-        report["predict"] = bench_predict(model_dir, paths, str(device))
+        report["predict"] = bench_predict(model_dir, paths, str(device), cold_repeats=2 if gpu else 3)
         report["predict_warm_ms"] = report["predict"]["warm_ms"]
         report["predict_models_ms"] = report["predict"]["models_ms"]
         report["predict_cold_s"] = report["predict"]["cold_s"]
 
+    def do_sweep() -> None:
+        for w in [int(x) for x in args.sweep_workers.split(",") if x]:
+            log(f"detect-cache build, {args.posters} posters, {w} workers ...")
+            run = bench_build(paths[: args.posters], batch_size, w, str(device), tmp)
+            report.setdefault("worker_sweep", {})[str(w)] = run
+            stages = ", ".join(f"{k} {v / run['done'] * 1000:.2f}" for k, v in run["timings"].items())
+            log(f"  {run['posters_per_s']:.1f} posters/s (main ms/poster: {stages})")
+
     attempt("build", do_build)
     attempt("predict", do_predict)
+    attempt("sweep", do_sweep)
 
     report["load_after"] = os.getloadavg()
+    save()
     print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def format_table(r: dict) -> str:
@@ -562,7 +578,12 @@ def format_table(r: dict) -> str:
         stages = ", ".join(f"{k} {v / big['done'] * 1000:.1f}" for k, v in big["timings"].items())
         rows.append(("  build, main-process ms/poster", stages))
         for n, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
-            rows.append((f"peak memory, build of {n} posters", f"{run['peak_pss_mb']:.0f} MiB (process tree PSS; main RSS {run['maxrss_mb']:.0f} MiB)"))
+            gpu = f"; GPU {run['gpu_peak_mb']:.0f} MiB" if "gpu_peak_mb" in run else ""
+            rows.append((f"peak memory, build of {n} posters ({run.get('workers', '?')} workers)",
+                         f"{run['peak_pss_mb']:.0f} MiB (process tree PSS; main peak RSS {run['maxrss_mb']:.0f} MiB{gpu})"))
+    for w, run in r.get("worker_sweep", {}).items():
+        stages = ", ".join(f"{k} {v / run['done'] * 1000:.2f}" for k, v in run["timings"].items())
+        rows.append((f"build with {w} workers", f"{run['posters_per_s']:.1f} posters/s (main ms/poster: {stages})"))
     if "predict" in r:
         p = r["predict"]
         rows.append(("fusion predict, 1 poster warm", f"{p['warm_ms']:.0f} ms (its models' forwards: {p['models_ms']:.0f} ms, x{p['warm_ms'] / p['models_ms']:.2f})"))

@@ -124,21 +124,21 @@ class Backbone:
             return self
         size = self.spec.input_size
         # The PyTorch network is built only if no exported copy is cached yet (timm's import
-        # alone costs over a second of a cold start).
-        exported = onnx_runtime.load(lambda: self.model, self.name, self.weights_sha256, (1, 3, size, size))
+        # alone costs over a second of a cold start). uint8 in, normalised inside the graph.
+        exported = onnx_runtime.load(
+            lambda: onnx_runtime.WithInputNormalization(self.model, self._mean, self._std),
+            f"{self.name}-uint8", self.weights_sha256, (1, 3, size, size), input_dtype=torch.uint8,
+        )
         if exported is not None:
             self._network, self.runtime = exported, "onnxruntime"
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The network on a normalised float batch (onnxruntime where enabled and not training)."""
-        if self._network is not None and not torch.is_grad_enabled():
-            return self._network(x)
-        return self.model(x)
-
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logits features for a prepared uint8 batch."""
-        return self.forward(self.normalize(batch))
+        """Pooled pre-logits features for a prepared uint8 batch (onnxruntime where enabled and
+        not training: it normalises inside its graph)."""
+        if self._network is not None and not torch.is_grad_enabled() and batch.dtype == torch.uint8:
+            return self._network(batch)
+        return self.model(self.normalize(batch))
 
 
 def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, weights: str | Path | None = None,

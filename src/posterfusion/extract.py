@@ -91,14 +91,18 @@ def _collate(items: list[Item]) -> list[Item]:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers only resize; the models get the cores
-    nice = int(os.environ.get("PF_NICE", "0"))
-    if nice:
-        os.nice(nice)
 
 
-def default_workers() -> int:
-    """One decoding worker per spare core (at least one, so decoding overlaps inference)."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+def default_workers(device: torch.device | str = "cpu") -> int:
+    """Decoding workers: one per spare core, at least one so decoding overlaps inference.
+
+    On a CPU the models need the cores (at most 4 workers); a GPU is fed by the CPU, so there
+    every core but two (the main process and its writer) decodes, up to 12.
+    """
+    cores = os.cpu_count() or 2
+    if torch.device(device).type == "cuda":
+        return max(1, min(12, cores - 2))
+    return max(1, min(4, cores - 1))
 
 
 def iterate(dataset: PosterDataset, batch_size: int, workers: int) -> Iterator[list[Item]]:
@@ -145,19 +149,18 @@ class FrozenModels:
 
     @torch.inference_mode()
     def run(self, items: list[Item]) -> Extracted:
-        """Features and embeddings for prepared items, the models fed ``model_batch`` at a time."""
+        """Features and embeddings for prepared items.
+
+        NanoDet and the backbone are fed ``model_batch`` posters at a time; MTCNN the whole batch
+        (see :meth:`DetectorSet.run`).
+        """
         out = Extracted()
         out.detector_items = [i for i in items if i.detector_input is not None]
         out.backbone_items = [i for i in items if i.backbone_input is not None]
         step = self.model_batch or max(len(items), 1)
         if self.detectors is not None and out.detector_items:
-            features = []
-            for s in range(0, len(out.detector_items), step):
-                chunk = out.detector_items[s : s + step]
-                f, e = self.detectors.run([i.detector_input for i in chunk], self.timings)
-                features.append(f)
-                out.evidence += e
-            out.features = np.concatenate(features)
+            out.features, out.evidence = self.detectors.run(
+                [i.detector_input for i in out.detector_items], self.timings, self.model_batch)
         if self.backbone is not None and out.backbone_items:
             embeddings = []
             with timed(self.timings, "backbone"):
@@ -169,11 +172,11 @@ class FrozenModels:
 
 
 def model_batch_size(device: torch.device) -> int | None:
-    """Posters per model call: 8 on a CPU, whole batches on a GPU.
+    """Posters per NanoDet and backbone call: 8 on a CPU, whole batches on a GPU.
 
-    On a CPU the convolutions run fastest on small batches whose activations stay in the caches
-    (NanoDet: ~39 ms/poster at 8, ~60 at 32, on 2 cores), and memory stays low; a GPU wants
-    the largest batch. ``POSTERFUSION_MODEL_BATCH`` overrides it (0: whole batches).
+    On a CPU small batches keep activations in the caches and memory low (PyTorch's NanoDet took
+    ~39 ms/poster at 8 and ~60 at 32 on 2 cores; onnxruntime is flat from 8 up); a GPU wants the
+    largest batch. ``POSTERFUSION_MODEL_BATCH`` overrides it (0: whole batches).
     """
     override = os.environ.get("POSTERFUSION_MODEL_BATCH")
     if override is not None:
@@ -227,12 +230,14 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
         frozenset(backbone_store.keys()) if backbone_store else frozenset(),
     )
     if workers is None:
-        workers = default_workers() if len(paths) > batch_size else 0
+        workers = default_workers(models.device) if len(paths) > batch_size else 0
     summary = BuildSummary()
     seen: set[str] = set()
     start = time.perf_counter()
     batches = iterate(dataset, batch_size, workers)
-    writer = _Writer()
+    # Parquet writes (and their fsync) overlap the next batch's inference; in-memory stores
+    # (``fusion predict`` without a cache) take their rows at once.
+    writer = _Writer(background=not all(isinstance(store, MemoryStore) for store in stores.values()))
     try:
         while True:
             with timed(models.timings, "wait"):  # the models idle while no prepared batch is ready
@@ -282,13 +287,16 @@ class _Writer:
     most the batches in flight; a failed write raises at the next ``submit`` or at ``close``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, background: bool = True) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="posterfusion-writer")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="posterfusion-writer") if background else None
         self.pending: list = []
 
     def submit(self, fn, *args) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
         if len(self.pending) >= 2:
             self.pending.pop(0).result()
         self.pending.append(self.pool.submit(fn, *args))
@@ -298,7 +306,8 @@ class _Writer:
             while self.pending:
                 self.pending.pop(0).result()
         finally:
-            self.pool.shutdown(wait=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
 
 class Store(Protocol):

@@ -56,9 +56,12 @@ class OrtModel:
         self.input_name = input_name
         self.output_names = output_names
         self.path = path
+        self.input_dtype = np.uint8 if session.get_inputs()[0].type == "tensor(uint8)" else np.float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        array = x.detach().numpy() if x.dtype == torch.float32 else x.detach().float().numpy()
+        array = x.detach().numpy()
+        if array.dtype != self.input_dtype:
+            array = array.astype(self.input_dtype)
         outputs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(array)})
         tensors = tuple(torch.from_numpy(o) for o in outputs)
         return tensors[0] if len(tensors) == 1 else tensors
@@ -74,10 +77,6 @@ def _session(path: Path):
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    if os.environ.get("PF_ARENA") == "0":
-        options.enable_cpu_mem_arena = False
-    if os.environ.get("PF_ARENA") == "same":
-        options.add_session_config_entry("session.arena_extend_strategy", "kSameAsRequested")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -100,9 +99,13 @@ def _export(module: torch.nn.Module, example: torch.Tensor, output_names: Sequen
             os.unlink(tmp)
 
 
-def _check(model: OrtModel, module: torch.nn.Module, shape: tuple[int, ...]) -> float:
+def _check(model: OrtModel, module: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> float:
     """Largest difference to PyTorch on a fixed input, relative to the outputs' magnitude."""
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, *shape[1:])).astype(np.float32))
+    rng = np.random.default_rng(0)
+    if dtype == torch.uint8:
+        x = torch.from_numpy(rng.integers(0, 256, (2, *shape[1:]), dtype=np.uint8))
+    else:
+        x = torch.from_numpy(rng.standard_normal((2, *shape[1:])).astype(np.float32))
     with torch.inference_mode():
         expected = module(x)
     got = model(x)
@@ -112,25 +115,28 @@ def _check(model: OrtModel, module: torch.nn.Module, shape: tuple[int, ...]) -> 
 
 
 def load(module: torch.nn.Module | Callable[[], torch.nn.Module], name: str, weights_sha256: str,
-         input_shape: tuple[int, ...], output_names: Sequence[str] = ("y",)) -> OrtModel | None:
+         input_shape: tuple[int, ...], output_names: Sequence[str] = ("y",),
+         input_dtype: torch.dtype = torch.float32) -> OrtModel | None:
     """The module through onnxruntime, exported on first use; None where that cannot be done.
 
     ``module`` may be a function that builds it: it is called only when no export is cached.
     """
-    key = hashlib.sha256(f"{name}|{weights_sha256}|{torch.__version__}|{tuple(input_shape[1:])}".encode()).hexdigest()[:16]
+    key = f"{name}|{weights_sha256}|{torch.__version__}|{tuple(input_shape[1:])}|{input_dtype}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{key}.onnx"
     try:
         fresh = not path.is_file()
         if fresh:
             module = module if isinstance(module, torch.nn.Module) else module()
+            module.eval()  # frozen models only (the exporter restores this mode afterwards)
             try:
-                _export(module, torch.zeros((1, *input_shape[1:])), output_names, path)
+                _export(module, torch.zeros((1, *input_shape[1:]), dtype=input_dtype), output_names, path)
             except OSError:  # an unwritable cache folder: export for this process only
                 path = Path(tempfile.mkdtemp(prefix="posterfusion-onnx-")) / path.name
-                _export(module, torch.zeros((1, *input_shape[1:])), output_names, path)
+                _export(module, torch.zeros((1, *input_shape[1:]), dtype=input_dtype), output_names, path)
         model = OrtModel(_session(path), "x", list(output_names), path)
         if fresh:
-            error = _check(model, module, input_shape)
+            error = _check(model, module, input_shape, input_dtype)
             if not error <= CHECK_TOLERANCE:
                 path.unlink(missing_ok=True)
                 warnings.warn(f"{name}: onnxruntime differs from PyTorch by {error:.2g}; using PyTorch", stacklevel=2)
@@ -141,3 +147,18 @@ def load(module: torch.nn.Module | Callable[[], torch.nn.Module], name: str, wei
     except Exception as exc:  # any exporter/runtime failure: PyTorch still works
         warnings.warn(f"{name}: onnxruntime unavailable ({type(exc).__name__}: {exc}); using PyTorch", stacklevel=2)
         return None
+
+
+class WithInputNormalization(torch.nn.Module):
+    """``module((x.float() - mean) / std)`` for uint8 ``x``: exported this way, onnxruntime does the
+    normalisation inside the graph (same float32 subtract and divide), on its threads."""
+
+    def __init__(self, module: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).float())
+        self.register_buffer("std", std.reshape(1, -1, 1, 1).float())
+        self.train(module.training)  # the exporter restores this mode on the whole tree afterwards
+
+    def forward(self, x: torch.Tensor):
+        return self.module((x.to(torch.float32) - self.mean) / self.std)

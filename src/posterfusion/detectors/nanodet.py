@@ -236,8 +236,6 @@ def decode(
     (cell, class) above ``score_threshold`` is a candidate and class-wise NMS keeps the best
     ``max_detections``. Boxes are fractions of the 416 input, i.e. of the stretched original.
     """
-    from ._ops import nms  # torchvision's kernel, without importing torchvision (seconds)
-
     scores = scores.detach().float()
     dists = dists.detach().float()
     b, a, _ = scores.shape
@@ -254,18 +252,21 @@ def decode(
     boxes = boxes.clamp(0.0, 1.0)
     row_of = torch.full((b, a), -1, dtype=torch.long, device=scores.device)
     row_of[image, cells] = torch.arange(len(cells), device=scores.device)
+    # Every candidate (image, cell, class) at once, in the row-major order a per-image nonzero
+    # gives, then split by image.
+    found = torch.nonzero(passed)
+    per_image = torch.bincount(found[:, 0], minlength=b).tolist()
 
     results = []
-    for i in range(b):
-        cell, label = torch.nonzero(passed[i], as_tuple=True)
-        if cell.numel() == 0:
+    for i, part in enumerate(torch.split(found, per_image)):
+        if part.numel() == 0:
             results.append(Detections.empty())
             continue
+        cell, label = part[:, 1], part[:, 2]
         box, score = boxes[row_of[i, cell]], scores[i, cell, label]
         # Class-wise NMS in one call: shift each class's boxes to its own region (boxes are in
         # [0, 1]); batched_nms would loop over the ~80 classes instead, ~10x slower here.
-        keep = nms(box + 2.0 * label[:, None].to(box.dtype), score, iou_threshold)
-        keep = keep[:max_detections]
+        keep = _top_nms(box + 2.0 * label[:, None].to(box.dtype), score, iou_threshold, max_detections)
         results.append(
             Detections(
                 box[keep].cpu().numpy().astype(np.float32),
@@ -274,6 +275,27 @@ def decode(
             )
         )
     return results
+
+
+def _top_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_detections: int,
+             first: int = 1024) -> torch.Tensor:
+    """``nms(boxes, scores)[:max_detections]``, usually from the ``first`` best-scoring boxes only.
+
+    Greedy NMS visits boxes by decreasing score (torchvision sorts stably) and a box's fate
+    depends only on the boxes before it, so NMS over the best ``first`` boxes, in that order, keeps
+    exactly the first boxes that NMS over all of them keeps. When that already makes
+    ``max_detections``, the rest is never looked at; otherwise all boxes are processed. On real
+    posters (~2,200 candidates, always 100 kept) the 100th kept box ranked 555th by score in the
+    median and 685th at worst: NanoDet's decode costs about half as much.
+    """
+    from ._ops import nms
+
+    if len(scores) > first:
+        order = torch.sort(scores, descending=True, stable=True).indices[:first]
+        keep = nms(boxes[order], scores[order], iou_threshold)
+        if len(keep) >= max_detections:
+            return order[keep[:max_detections]]
+    return nms(boxes, scores, iou_threshold)[:max_detections]
 
 
 def load_nanodet(path: Path, device: str | torch.device = "cpu") -> NanoDet:
@@ -322,16 +344,21 @@ class NanoDetDetector:
         self.identity = {"name": "nanodet", "weights_sha256": sha, "input_size": INPUT_SIZE}
         self.network, self.runtime = self.model, "torch"
         if onnx_runtime.enabled(self.device):
-            exported = onnx_runtime.load(self.model, "nanodet", sha, (1, 3, INPUT_SIZE, INPUT_SIZE), ("scores", "dists"))
+            # uint8 in, normalised inside the graph: ~1.6 ms per poster less in the main thread.
+            wrapped = onnx_runtime.WithInputNormalization(self.model, torch.from_numpy(_BGR_MEAN), torch.from_numpy(_BGR_STD))
+            exported = onnx_runtime.load(wrapped, "nanodet-uint8", sha, (1, 3, INPUT_SIZE, INPUT_SIZE), ("scores", "dists"),
+                                         input_dtype=torch.uint8)
             if exported is not None:
                 self.network, self.runtime = exported, "onnxruntime"
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The network on a uint8 batch from :func:`resize_input` (or an already normalised float one)."""
         batch = batch.to(self.device)
-        if batch.dtype == torch.uint8:
-            batch = normalize(batch)
-        return self.network(batch)
+        if batch.dtype != torch.uint8:  # already normalised
+            return self.model(batch)
+        if self.runtime == "onnxruntime":  # normalises inside its graph
+            return self.network(batch)
+        return self.model(normalize(batch))
 
     def detect(self, batch: torch.Tensor) -> list[Detections]:
         """Prepared batch (see :meth:`forward`) -> detections with boxes as poster fractions."""
