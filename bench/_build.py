@@ -57,6 +57,7 @@ def main() -> None:
         gpu = {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
     print(json.dumps({
         **gpu,
+        "concurrent": models.concurrent,
         "workers": args.workers if args.workers is not None else default_workers(models.device),
         "posters": len(paths),
         "done": summary.done,

@@ -9,8 +9,9 @@ Tolerances, stated once:
   features computed by the code before the speed work (tests/data/speedups_reference.npz, made
   by bench/make_reference.py from commit 1d005f3) on the same kind of CPU. ``EXACT_ACROSS_CPUS``
   allows 1e-5 where oneDNN picks other kernels on another CPU.
-* ``ATOL`` = 1e-4 (absolute, on raw feature values): onnxruntime vs PyTorch, and NanoDet/backbone
-  micro-batches / number of decoding workers, which change only float rounding (measured over
+* ``ATOL`` = 1e-4 (absolute, on raw feature values): onnxruntime vs PyTorch, NanoDet/backbone
+  micro-batches, number of decoding workers and the models' thread counts (side-by-side stages),
+  which change only float rounding (measured over
   1,024 posters against the code before the speed work at the same --batch-size: <= 1.2e-6 on
   detector features, <= 1.0e-5 on embeddings whose values reach ~6; no poster beyond 1e-4).
 """
@@ -193,6 +194,20 @@ def test_workers_and_model_batches_keep_features(reference: dict, default_models
     assert keys1 == keys
     np.testing.assert_allclose(det1, det, rtol=0, atol=ATOL)
     np.testing.assert_allclose(emb1, emb, rtol=0, atol=ATOL)
+
+
+def test_side_by_side_stages_equal_models_in_turn(reference: dict) -> None:
+    """Objects+backbone beside faces+expressions, each on half the cores, as every model in turn
+    on all cores (bit-identical on the development CPU; ATOL allows other kernels elsewhere)."""
+    paths = reference["paths"]
+    in_turn = FrozenModels("nanodet", "efficientnet_lite0", "cpu", concurrent=False)
+    side_by_side = FrozenModels("nanodet", "efficientnet_lite0", "cpu", concurrent=True)
+    keys, det, emb = _features(paths, in_turn, batch_size=8, workers=0)
+    keys1, det1, emb1 = _features(paths, side_by_side, batch_size=8, workers=0)
+    assert keys1 == keys
+    np.testing.assert_allclose(det1, det, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(emb1, emb, rtol=0, atol=ATOL)
+    assert {"objects", "faces", "backbone"} <= set(side_by_side.timings)
 
 
 def test_nanodet_top_nms_equals_full_nms_on_both_paths(reference: dict, torch_models: FrozenModels) -> None:

@@ -113,8 +113,9 @@ class Backbone:
         mean, std = self._mean.to(batch.device), self._std.to(batch.device)
         return batch.to(torch.float32, copy=True).sub_(mean).div_(std)
 
-    def use_onnxruntime(self) -> "Backbone":
-        """Run the frozen network through onnxruntime (CPU inference only; see onnx_runtime).
+    def use_onnxruntime(self, threads: int | None = None) -> "Backbone":
+        """Run the frozen network through onnxruntime (CPU inference only; see onnx_runtime) on
+        ``threads`` threads (default: PyTorch's).
 
         Only :class:`~posterfusion.extract.FrozenModels` does this: fine-tuning needs PyTorch.
         """
@@ -127,7 +128,7 @@ class Backbone:
         # alone costs over a second of a cold start). uint8 in, normalised inside the graph.
         exported = onnx_runtime.load(
             lambda: onnx_runtime.WithInputNormalization(self.model, self._mean, self._std),
-            f"{self.name}-uint8", self.weights_sha256, (1, 3, size, size), input_dtype=torch.uint8,
+            f"{self.name}-uint8", self.weights_sha256, (1, 3, size, size), input_dtype=torch.uint8, threads=threads,
         )
         if exported is not None:
             self._network, self.runtime = exported, "onnxruntime"

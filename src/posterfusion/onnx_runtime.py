@@ -67,13 +67,13 @@ class OrtModel:
         return tensors[0] if len(tensors) == 1 else tensors
 
 
-def _session(path: Path):
+def _session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    # As many threads as PyTorch uses; no spinning between runs, so DataLoader workers that
-    # decode the next batch get the cores while the model waits for them.
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    # As many threads as PyTorch uses unless told; no spinning between runs, so DataLoader
+    # workers that decode the next batch get the cores while the model waits for them.
+    options.intra_op_num_threads = max(1, threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
@@ -116,7 +116,7 @@ def _check(model: OrtModel, module: torch.nn.Module, shape: tuple[int, ...], dty
 
 def load(module: torch.nn.Module | Callable[[], torch.nn.Module], name: str, weights_sha256: str,
          input_shape: tuple[int, ...], output_names: Sequence[str] = ("y",),
-         input_dtype: torch.dtype = torch.float32) -> OrtModel | None:
+         input_dtype: torch.dtype = torch.float32, threads: int | None = None) -> OrtModel | None:
     """The module through onnxruntime, exported on first use; None where that cannot be done.
 
     ``module`` may be a function that builds it: it is called only when no export is cached.
@@ -134,7 +134,7 @@ def load(module: torch.nn.Module | Callable[[], torch.nn.Module], name: str, wei
             except OSError:  # an unwritable cache folder: export for this process only
                 path = Path(tempfile.mkdtemp(prefix="posterfusion-onnx-")) / path.name
                 _export(module, torch.zeros((1, *input_shape[1:]), dtype=input_dtype), output_names, path)
-        model = OrtModel(_session(path), "x", list(output_names), path)
+        model = OrtModel(_session(path, threads), "x", list(output_names), path)
         if fresh:
             error = _check(model, module, input_shape, input_dtype)
             if not error <= CHECK_TOLERANCE:

@@ -2,7 +2,8 @@
 
 Every detector has ``identity`` (what produced a feature: name and weights checksum), a
 worker-side ``prepare`` (resize only; runs beside inference in DataLoader workers) and a batched
-``detect``. :class:`DetectorSet` chains objects -> faces -> expressions -> schema.
+``detect``. :class:`DetectorSet` runs objects, then faces -> expressions (two stages that may run
+side by side), and assembles the schema's features.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from .base import Detections
 
 DEFAULT_OBJECTS = "nanodet"
 _THUMB_W, _THUMB_H = 64, 96  # colour statistics need no more pixels than this
+
+
+@dataclass
+class Faces:
+    """MTCNN's output for one poster (boxes on its canvas) and each face's expression."""
+
+    boxes: np.ndarray
+    probs: np.ndarray
+    expressions: np.ndarray  # (n_faces, 7)
 
 
 @dataclass
@@ -71,7 +81,9 @@ class Preparer:
 class DetectorSet:
     """Objects + faces + expressions, producing :data:`schema.COLUMNS` per poster."""
 
-    def __init__(self, objects: str = DEFAULT_OBJECTS, device: str | torch.device = "cpu") -> None:
+    def __init__(self, objects: str = DEFAULT_OBJECTS, device: str | torch.device = "cpu",
+                 threads: int | None = None) -> None:
+        """``threads``: the onnxruntime threads of the object detector (default: PyTorch's)."""
         from .expressions import ExpressionClassifier
 
         self.objects_name = objects
@@ -79,7 +91,7 @@ class DetectorSet:
         if objects == "nanodet":
             from .nanodet import NanoDetDetector
 
-            self.objects = NanoDetDetector(self.device)
+            self.objects = NanoDetDetector(self.device, threads)
         elif objects.startswith("yolo:"):
             from .yolo import YoloDetector
 
@@ -97,36 +109,42 @@ class DetectorSet:
         }
         self.columns = list(schema.COLUMNS)
 
-    def run(self, prepared: list[dict[str, Any]], timings: dict[str, float] | None = None,
-            object_batch: int | None = None) -> tuple[np.ndarray, list[Evidence]]:
-        """Features (B, len(COLUMNS)) and evidence for prepared posters, every model batched.
-
-        The object detector takes ``object_batch`` posters at a time (all when None): its outputs
-        do not depend on the batch beyond float rounding. MTCNN always takes the whole batch: its
-        integer crop windows turn rounding differences between batch sizes into different faces
-        on ~0.3% of posters, so its batch stays what it always was (``--batch-size``).
-        """
-        if not prepared:
-            return np.zeros((0, len(self.columns)), np.float32), []
+    def detect_objects(self, prepared: list[dict[str, Any]], timings: dict[str, float] | None = None,
+                       batch: int | None = None) -> list[Detections]:
+        """Object detections, ``batch`` posters per call (all when None): the detector's outputs do
+        not depend on the batch beyond float rounding."""
         with timed(timings, "objects"):
-            step = object_batch or len(prepared)
-            objects = []
+            step = batch or max(len(prepared), 1)
+            found: list[Detections] = []
             for s in range(0, len(prepared), step):
                 chunk = prepared[s : s + step]
                 if isinstance(chunk[0]["objects"], torch.Tensor):
-                    object_input = torch.stack([p["objects"] for p in chunk])
+                    found += self.objects.detect(torch.stack([p["objects"] for p in chunk]))
                 else:
-                    object_input = [p["objects"] for p in chunk]
-                objects += self.objects.detect(object_input)
+                    found += self.objects.detect([p["objects"] for p in chunk])
+            return found
+
+    def detect_faces(self, prepared: list[dict[str, Any]], timings: dict[str, float] | None = None) -> list[Faces]:
+        """Faces and their expressions, MTCNN over the whole batch.
+
+        MTCNN's integer crop windows turn float-rounding differences between batch sizes into
+        different faces on ~0.3% of posters, so its batch stays what it always was (``--batch-size``).
+        """
         with timed(timings, "faces"):
             found = self.faces.detect(torch.stack([p["canvas"] for p in prepared]))
         with timed(timings, "expressions"):
             crops = [self.expressions.crop(p["canvas"].numpy(), boxes) for p, (boxes, _) in zip(prepared, found)]
             probs = self.expressions.classify(crops)
-        rows, evidence = [], []
-        for item, det, (boxes, face_probs), expr in zip(prepared, objects, found, probs):
-            faces = faces_module.faces_as_detections(boxes, face_probs, item["geometry"], item["size"])
-            rows.append(schema.assemble(schema.object_features(det), schema.face_features(faces, expr), item["image"]))
-            evidence.append(Evidence(det, faces, expr))
-        return np.stack(rows), evidence
+        return [Faces(boxes, face_probs, expr) for (boxes, face_probs), expr in zip(found, probs)]
 
+    def assemble(self, prepared: list[dict[str, Any]], objects: list[Detections],
+                 faces: list[Faces]) -> tuple[np.ndarray, list[Evidence]]:
+        """Features (B, len(COLUMNS)) and evidence from both stages' outputs."""
+        if not prepared:
+            return np.zeros((0, len(self.columns)), np.float32), []
+        rows, evidence = [], []
+        for item, det, face in zip(prepared, objects, faces):
+            found = faces_module.faces_as_detections(face.boxes, face.probs, item["geometry"], item["size"])
+            rows.append(schema.assemble(schema.object_features(det), schema.face_features(found, face.expressions), item["image"]))
+            evidence.append(Evidence(det, found, face.expressions))
+        return np.stack(rows), evidence
