@@ -40,10 +40,16 @@ def verified_weights(name: str) -> tuple[Path, str]:
             f"{path}: weights file missing; it ships in the repository's weights/ folder "
             "(set POSTERFUSION_WEIGHTS if you moved it)"
         )
+    return path, checked_sha256(path)
+
+
+def checked_sha256(path: Path) -> str:
+    """The file's sha256, checked against ``<stem>.sha256`` beside it (sha256sum's format) when
+    that exists, so a truncated or swapped file fails with a clear message."""
     sha = file_sha256(str(path))
     companion = path.with_name(path.name.split(".")[0] + ".sha256")
     if companion.is_file():
-        expected = companion.read_text().split()[0]
+        expected = (companion.read_text().split() or [""])[0].lower()
         if expected != sha:
-            raise PosterFusionError(f"{path}: checksum {sha[:12]} does not match {companion.name} ({expected[:12]})")
-    return path, sha
+            raise PosterFusionError(f"{path}: sha256 {sha[:12]} does not match {companion.name} ({expected[:12] or 'empty'})")
+    return sha

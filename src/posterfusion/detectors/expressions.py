@@ -12,7 +12,6 @@ every side, cut from the grey image padded by 40 px, resized to 64x64 and scaled
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -158,20 +157,14 @@ def load_expression_model(path: Path | str, device: str | torch.device = "cpu") 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..weights import checked_sha256
+
     path = Path(path)
     if not path.is_file():
         raise PosterFusionError(
             f"{path}: expression model weights not found; run weights/convert_expression.py"
         )
-    sidecar = path.with_suffix(".sha256")
-    if sidecar.is_file():
-        expected = (sidecar.read_text().split() or [""])[0].lower()  # sha256sum: "<hex>  <name>"
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
-        if expected != actual:
-            raise PosterFusionError(
-                f"{path}: sha256 {actual[:12]}... does not match {sidecar.name}; "
-                "re-run weights/convert_expression.py"
-            )
+    checked_sha256(path)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
