@@ -8,12 +8,13 @@ an uninterrupted one and yields the same values.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from .cache import FeatureStore
 from .detectors import DetectorSet, Evidence, Preparer
 from .images import BadImage, content_key, decode_bytes
 from .timing import timed
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -146,6 +149,7 @@ class Extracted:
     evidence: list[Evidence] = field(default_factory=list)
     backbone_items: list[Item] = field(default_factory=list)
     embeddings: np.ndarray | None = None
+    prepared: list[dict[str, Any]] = field(default_factory=list)  # the detector items' inputs
 
 
 class FrozenModels:
@@ -184,41 +188,64 @@ class FrozenModels:
         self.model_batch = model_batch_size(self.device)
         self._helper = None
 
-    @torch.inference_mode()
     def run(self, items: list[Item]) -> Extracted:
-        """Features and embeddings for prepared items.
+        """Features and embeddings for the prepared items of one batch."""
+        return next(self.stream([(None, items)]))[1]
+
+    @torch.inference_mode()
+    def stream(self, batches: Iterable[tuple[T, list[Item]]]) -> Iterator[tuple[T, Extracted]]:
+        """Each ``(tag, items)`` batch with its outputs, in order, as the models finish them.
 
         NanoDet and the backbone are fed ``model_batch`` posters at a time; MTCNN the whole batch
-        (see :meth:`DetectorSet.detect_faces`).
+        (see :meth:`DetectorSet.detect_faces`). With side-by-side stages the onnxruntime stage
+        runs up to one batch ahead of the PyTorch one: a batch's cost differs between them (MTCNN's
+        follows the faces in it), and the queue evens that out where a per-batch join would leave
+        one core idle.
         """
-        out = Extracted()
-        out.detector_items = [i for i in items if i.detector_input is not None]
-        out.backbone_items = [i for i in items if i.backbone_input is not None]
-        prepared = [i.detector_input for i in out.detector_items]
-        faces: list = []
         if not self.concurrent:
-            objects = self._objects_and_embeddings(prepared, out)
-            if prepared:
-                faces = self.detectors.detect_faces(prepared, self.timings)
-        else:
-            if self._helper is None:
-                from concurrent.futures import ThreadPoolExecutor
+            for tag, items in batches:
+                out = _split(items)
+                objects = self._objects_and_embeddings(out)
+                faces = self.detectors.detect_faces(out.prepared, self.timings) if out.prepared else []
+                yield tag, self._finish(out, objects, faces)
+            return
+        if self._helper is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-                self._helper = ThreadPoolExecutor(1, thread_name_prefix="posterfusion-models")
-            with torch_threads(self.torch_threads):
-                pending = self._helper.submit(torch.inference_mode()(self._objects_and_embeddings), prepared, out)
-                try:
-                    if prepared:
-                        faces = self.detectors.detect_faces(prepared, self.timings)
-                finally:
-                    objects = pending.result()
-        if prepared:
-            out.features, out.evidence = self.detectors.assemble(prepared, objects, faces)
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="posterfusion-models")
+        stage = torch.inference_mode()(self._objects_and_embeddings)
+        ahead: collections.deque = collections.deque()
+        try:
+            for tag, items in batches:
+                out = _split(items)
+                ahead.append((tag, out, self._helper.submit(stage, out)))
+                if len(ahead) > 1:
+                    yield self._finish_side_by_side(*ahead.popleft())
+            while ahead:
+                yield self._finish_side_by_side(*ahead.popleft())
+        finally:
+            for _, _, pending in ahead:  # a consumer that stopped early: let the helper go idle
+                pending.cancel()
+
+    def _finish_side_by_side(self, tag: T, out: Extracted, pending) -> tuple[T, Extracted]:
+        """The PyTorch stage for a batch whose onnxruntime stage is already queued."""
+        faces: list = []
+        with torch_threads(self.torch_threads):
+            try:
+                if out.prepared:
+                    faces = self.detectors.detect_faces(out.prepared, self.timings)
+            finally:
+                objects = pending.result()
+        return tag, self._finish(out, objects, faces)
+
+    def _finish(self, out: Extracted, objects: list, faces: list) -> Extracted:
+        if out.prepared:
+            out.features, out.evidence = self.detectors.assemble(out.prepared, objects, faces)
         return out
 
-    def _objects_and_embeddings(self, prepared: list[dict[str, Any]], out: Extracted) -> list:
+    def _objects_and_embeddings(self, out: Extracted) -> list:
         """The onnxruntime stage: object detections (returned) and embeddings (into ``out``)."""
-        objects = self.detectors.detect_objects(prepared, self.timings, self.model_batch) if prepared else []
+        objects = self.detectors.detect_objects(out.prepared, self.timings, self.model_batch) if out.prepared else []
         if self.backbone is not None and out.backbone_items:
             step = self.model_batch or len(out.backbone_items)
             embeddings = []
@@ -228,6 +255,15 @@ class FrozenModels:
                     embeddings.append(self.backbone.embed(batch).float().cpu().numpy())
             out.embeddings = np.concatenate(embeddings)
         return objects
+
+
+def _split(items: list[Item]) -> Extracted:
+    """An empty :class:`Extracted` naming which items each stage has to do."""
+    out = Extracted()
+    out.detector_items = [i for i in items if i.detector_input is not None]
+    out.backbone_items = [i for i in items if i.backbone_input is not None]
+    out.prepared = [i.detector_input for i in out.detector_items]
+    return out
 
 
 @contextlib.contextmanager
@@ -311,12 +347,13 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
     # Parquet writes (and their fsync) overlap the next batch's inference; in-memory stores
     # (``fusion predict`` without a cache) take their rows at once.
     writer = _Writer(background=not all(isinstance(store, MemoryStore) for store in stores.values()))
-    try:
+    def todo_batches() -> Iterator[tuple[tuple[int, int], list[Item]]]:
+        """Each batch's posters that need the models, tagged (batch size, posters to do)."""
         while True:
             with timed(models.timings, "wait"):  # the models idle while no prepared batch is ready
                 items = next(batches, None)
             if items is None:
-                break
+                return
             todo = []
             for item in items:
                 summary.keys.append(item.key if not item.error else "")
@@ -332,13 +369,16 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
                 else:
                     seen.add(item.key)
                     todo.append(item)
-            result = models.run(todo)
+            yield (len(items), len(todo)), todo
+
+    try:
+        for (size, done), result in models.stream(todo_batches()):
             with timed(models.timings, "write"):  # only the wait for the previous batch's write
                 writer.submit(_append, detector_store, result.detector_items, result.features)
                 writer.submit(_append, backbone_store, result.backbone_items, result.embeddings)
-            summary.done += len(todo)
+            summary.done += done
             if progress:
-                progress.advance(len(items))
+                progress.advance(size)
     finally:
         with timed(models.timings, "write"):
             writer.close()
