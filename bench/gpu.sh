@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu.sh            # carry: .whl .gpu/chunk0 .gpu/model .gpu/cpu_reference.npz
 #   SWEEP=6,14 bash bench/gpu.sh # also builds with 6 and 14 decoding workers
+#   POSTERS=2048 bash bench/gpu.sh  # builds of 512 and 2,048 posters (default 256 and 1,024)
 #
 # .gpu/chunk0 holds 2,500 real posters (manifest.csv, labels.csv); .gpu/model a model trained on
 # the CPU (fusion train needs scikit-learn, which that machine lacks); .gpu/cpu_reference.npz CPU
@@ -28,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvi
 timeout 60 python3 bench/gpu_check.py --reference .gpu/cpu_reference.npz --root .gpu/chunk0 \
   --json "$OUT/gpu_check.json" > "$OUT/gpu_check.log" 2>&1
 python3 bench/run.py --device cuda --manifest .gpu/chunk0/manifest.csv --model .gpu/model \
-  --posters 1024 --skip "$SKIP" ${SWEEP:+--sweep-workers $SWEEP} --json "$OUT/gpu.json" \
+  --posters "${POSTERS:-1024}" --skip "$SKIP" ${SWEEP:+--sweep-workers $SWEEP} --json "$OUT/gpu.json" \
   > "$OUT/gpu_table.md" 2> "$OUT/gpu_bench.log"
 cat "$OUT/gpu_check.log" | grep -v Warn | tail -3
 cat "$OUT/gpu_table.md"
