@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -137,7 +138,15 @@ def iterate(dataset: PosterDataset, batch_size: int, workers: int) -> Iterator[l
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
         worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False,
     )
-    yield from loader
+    # Forked workers share the parent's pages until they write to them, and Python's collector
+    # writes to every object it scans; frozen, the parent's objects are never scanned there
+    # (4 workers, 1,600 posters: each grew by ~25 MB instead of ~45 MB).
+    gc.freeze()
+    try:
+        batches = iter(loader)  # forks the workers
+    finally:
+        gc.unfreeze()
+    yield from batches
 
 
 @dataclass
