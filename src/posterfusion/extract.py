@@ -158,7 +158,11 @@ class Extracted:
     evidence: list[Evidence] = field(default_factory=list)
     backbone_items: list[Item] = field(default_factory=list)
     embeddings: np.ndarray | None = None
-    prepared: list[dict[str, Any]] = field(default_factory=list)  # the detector items' inputs
+
+    @property
+    def prepared(self) -> list[dict[str, Any]]:
+        """The detector items' inputs."""
+        return [i.detector_input for i in self.detector_items]
 
 
 class FrozenModels:
@@ -197,10 +201,6 @@ class FrozenModels:
         self.model_batch = model_batch_size(self.device)
         self._helper = None
 
-    def run(self, items: list[Item]) -> Extracted:
-        """Features and embeddings for the prepared items of one batch."""
-        return next(self.stream([(None, items)]))[1]
-
     @torch.inference_mode()
     def stream(self, batches: Iterable[tuple[T, list[Item]]]) -> Iterator[tuple[T, Extracted]]:
         """Each ``(tag, items)`` batch with its outputs, in order, as the models finish them.
@@ -215,8 +215,7 @@ class FrozenModels:
             for tag, items in batches:
                 out = _split(items)
                 objects = self._objects_and_embeddings(out)
-                faces = self.detectors.detect_faces(out.prepared, self.timings) if out.prepared else []
-                yield tag, self._finish(out, objects, faces)
+                yield tag, self._finish(out, objects, self._faces(out))
             return
         if self._helper is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -238,23 +237,25 @@ class FrozenModels:
 
     def _finish_side_by_side(self, tag: T, out: Extracted, pending) -> tuple[T, Extracted]:
         """The PyTorch stage for a batch whose onnxruntime stage is already queued."""
-        faces: list = []
         with torch_threads(self.torch_threads):
             try:
-                if out.prepared:
-                    faces = self.detectors.detect_faces(out.prepared, self.timings)
+                faces = self._faces(out)
             finally:
                 objects = pending.result()
         return tag, self._finish(out, objects, faces)
 
+    def _faces(self, out: Extracted) -> list:
+        """The PyTorch stage: faces and their expressions."""
+        return self.detectors.detect_faces(out.prepared, self.timings) if out.detector_items else []
+
     def _finish(self, out: Extracted, objects: list, faces: list) -> Extracted:
-        if out.prepared:
+        if out.detector_items:
             out.features, out.evidence = self.detectors.assemble(out.prepared, objects, faces)
         return out
 
     def _objects_and_embeddings(self, out: Extracted) -> list:
         """The onnxruntime stage: object detections (returned) and embeddings (into ``out``)."""
-        objects = self.detectors.detect_objects(out.prepared, self.timings, self.model_batch) if out.prepared else []
+        objects = self.detectors.detect_objects(out.prepared, self.timings, self.model_batch) if out.detector_items else []
         if self.backbone is not None and out.backbone_items:
             step = self.model_batch or len(out.backbone_items)
             embeddings = []
@@ -268,11 +269,8 @@ class FrozenModels:
 
 def _split(items: list[Item]) -> Extracted:
     """An empty :class:`Extracted` naming which items each stage has to do."""
-    out = Extracted()
-    out.detector_items = [i for i in items if i.detector_input is not None]
-    out.backbone_items = [i for i in items if i.backbone_input is not None]
-    out.prepared = [i.detector_input for i in out.detector_items]
-    return out
+    return Extracted(detector_items=[i for i in items if i.detector_input is not None],
+                     backbone_items=[i for i in items if i.backbone_input is not None])
 
 
 @contextlib.contextmanager
