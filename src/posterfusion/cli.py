@@ -78,6 +78,7 @@ def build(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: str = typer.Option("nanodet", "--objects", help="Object detector: nanodet, or yolo:PATH to a local .pt/.onnx."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="CNN whose embeddings are cached too, or 'none'."),
+    view: str = typer.Option("224x320+flip", "--view", help="The CNN's input: WIDTHxHEIGHT, +flip to average in the mirror image."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding workers (default: spare cores)."),
 ) -> None:
     """Build (or complete) the feature cache for a manifest or a folder of posters."""
@@ -85,7 +86,7 @@ def build(
     from .manifest import load_manifest
 
     manifest = load_manifest(source).head(limit)
-    models = FrozenModels(objects, None if backbone == "none" else backbone, device)
+    models = FrozenModels(objects, None if backbone == "none" else backbone, device, backbone_view=view)
     with _RichProgress(len(manifest), "detect-cache") as progress:
         summary = build_cache(manifest.paths, open_stores(models, cache), models, batch_size, workers, progress)
     typer.echo(

@@ -179,7 +179,7 @@ class FrozenModels:
 
     def __init__(self, objects: str | None = "nanodet", backbone: str | None = "efficientnet_lite0",
                  device: str = "auto", backbone_weights: str | Path | None = None,
-                 concurrent: bool | None = None) -> None:
+                 concurrent: bool | None = None, backbone_view: str | None = None) -> None:
         self.device = resolve_device(device)
         if self.device.type == "cuda":
             # Cached features must not depend on the hardware: no TF32 shortcuts in frozen models.
@@ -194,7 +194,7 @@ class FrozenModels:
         ort_threads = max(1, cores // 2) if concurrent else None
         self.detectors = DetectorSet(objects, self.device, ort_threads) if objects else None
         ort = onnx_runtime.enabled(self.device)
-        self.backbone = create_backbone(backbone, weights=backbone_weights, lazy=ort).to(self.device) if backbone else None
+        self.backbone = create_backbone(backbone, weights=backbone_weights, lazy=ort, view=backbone_view).to(self.device) if backbone else None
         if self.backbone is not None and ort:
             self.backbone.use_onnxruntime(ort_threads)  # frozen here: the faster CPU runtime, same numbers
         self.timings: dict[str, float] = {}

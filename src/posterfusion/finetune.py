@@ -1,14 +1,21 @@
-"""Fine-tuning end to end: the backbone learns with the fusion head (the GPU path).
+"""Fine-tuning the backbone with the fusion head, in two scopes.
 
-It starts from the frozen-feature head (already a good model), then trains backbone and head
-together on augmented posters at a small backbone learning rate, with bf16 autocast on a GPU.
-Detector features stay frozen and come from the cache. The fine-tuned backbone is saved beside
-the head and gets its own identity, so its embeddings never mix with the pretrained one's.
+* ``tail`` (any machine, minutes on 2 CPU cores): the backbone's trunk stays frozen and its output
+  maps are computed once per poster and view (onnxruntime on a CPU); only the last block,
+  ``conv_head`` and the head learn, on those maps. Each training step picks the poster or its
+  mirror image at random; validation averages both, as inference does.
+* ``all`` (the GPU path): backbone and head end to end on augmented posters, bf16 autocast on a GPU.
+
+Both start from a head fitted on frozen embeddings, share the training loop (``loop.fit``) and save
+the whole tuned backbone as one safetensors file, which gets its own identity: its embeddings never
+mix with the pretrained one's, and ``fusion predict`` runs it like any other backbone. The heads
+that ship are then fitted on the tuned backbone's embeddings like any frozen ones (an ensemble,
+thresholds on validation), so a fine-tuned model is used exactly like every other.
 """
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,25 +23,179 @@ import numpy as np
 import torch
 
 from . import metrics
-from .backbone import Backbone, create_backbone
+from .backbone import Backbone, create_backbone, split_at_last_block
+from .extract import PosterDataset, default_workers, iterate
 from .images import BadImage, decode_bytes
+from .loop import FitResult, Schedule, fit
 from .model import FusionHead
 
 BACKBONE_FILE = "backbone.safetensors"
 
 
+@dataclass
+class Tuned:
+    """A fine-tune's outcome: the tuned backbone file, how it went, and (tail scope) the tuned
+    backbone's embeddings of every poster, computed from the cached maps (None: compute them)."""
+
+    backbone_file: Path
+    fit: dict
+    embeddings: np.ndarray | None = None
+
+
+def finetune(paths: list[str], det: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+             head: FusionHead, config: dict, device: torch.device, out_dir: Path,
+             on_epoch: Callable[[int, float, float], None] | None = None) -> Tuned:
+    """Fine-tune from a fitted head in the config's scope; the backbone file is written to ``out_dir``."""
+    backbone = create_backbone(config["backbone"], view=config["backbone_view"]).to(device)
+    run = _tail if config["finetune"]["scope"] == "tail" else _end_to_end
+    torch.manual_seed(config["seed"])
+    fit_result, embeddings = run(backbone, paths, det, y, train_idx, val_idx, head.to(device), config, device, on_epoch)
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone_file = out_dir / BACKBONE_FILE
+    save_file({k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}, str(backbone_file))
+    history = {"best_epoch": fit_result.best_epoch, "best_val_map": fit_result.best_map, "history": fit_result.history}
+    return Tuned(backbone_file, history, embeddings)
+
+
+def _optimizer(backbone_params, head: FusionHead, config: dict) -> torch.optim.Optimizer:
+    settings = config["finetune"]
+    return torch.optim.AdamW([
+        {"params": list(backbone_params), "lr": settings["lr_backbone"]},
+        {"params": head.parameters(), "lr": settings["lr_head"]},
+    ], weight_decay=config["optim"]["weight_decay"])
+
+
+def _loss(y_train: np.ndarray, config: dict, device: torch.device) -> torch.nn.Module:
+    from .train import loss_function
+
+    return loss_function(y_train, config, device)
+
+
+def _train_mode_frozen_bn(model: torch.nn.Module) -> None:
+    """Training mode, but ImageNet BatchNorm statistics kept: small poster batches would only make them noisier."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+# --- tail: the last block on cached trunk maps ------------------------------------------------
+
+
+class TailModel(torch.nn.Module):
+    """The backbone's tail and the head over trunk maps of shape (B, views, C, H, W).
+
+    In training each poster shows one view at random; otherwise the views' embeddings are
+    averaged, as :meth:`Backbone.embed` does.
+    """
+
+    def __init__(self, tail: torch.nn.Module, head: FusionHead) -> None:
+        super().__init__()
+        self.tail, self.head = tail, head
+
+    def embed(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            pick = torch.randint(maps.shape[1], (len(maps),), device=maps.device)
+            return self.tail(maps[torch.arange(len(maps), device=maps.device), pick].float())
+        return torch.stack([self.tail(maps[:, v].float()) for v in range(maps.shape[1])]).mean(0)
+
+    def forward(self, maps: torch.Tensor, det: torch.Tensor | None) -> torch.Tensor:
+        return self.head(self.embed(maps), det)
+
+
+def trunk_maps(backbone: Backbone, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Trunk output maps (N, views, C, H, W) as float16 for readable posters, and which were readable.
+
+    Readable once is not readable now: a poster that vanished or broke since its features were
+    cached is left out of the fine-tune rather than trained on as a blank image.
+    """
+    from . import onnx_runtime
+
+    trunk, _ = split_at_last_block(backbone.model)
+    trunk_runtime = None
+    if onnx_runtime.enabled(backbone._device):
+        trunk_runtime = onnx_runtime.load(
+            lambda: onnx_runtime.WithInputNormalization(trunk, backbone._mean, backbone._std),
+            f"{backbone.name}-trunk-uint8", backbone.weights_sha256, (1, 3, backbone.height, backbone.width),
+            input_dtype=torch.uint8,
+        )
+    network = trunk_runtime or (lambda batch: trunk(backbone.normalize(batch.to(backbone._device))).cpu())
+    dataset = PosterDataset(paths, None, backbone)
+    maps: list[np.ndarray] = []
+    ok = np.zeros(len(paths), bool)
+    position = 0
+    with torch.inference_mode():
+        for items in iterate(dataset, batch_size, default_workers() if len(paths) > batch_size else 0):
+            good = [i for i in items if not i.error]
+            ok[position : position + len(items)] = [not i.error for i in items]
+            position += len(items)
+            if not good:
+                continue
+            batch = torch.stack([i.backbone_input for i in good])
+            views = [batch, batch.flip(-1)] if backbone.flip else [batch]
+            maps.append(torch.stack([network(v) for v in views], 1).to(torch.float16).numpy())
+    return (np.concatenate(maps) if maps else np.zeros((0,), np.float16)), ok
+
+
+def _tail(backbone: Backbone, paths, det, y, train_idx, val_idx, head: FusionHead, config: dict,
+          device: torch.device, on_epoch) -> tuple[FitResult, np.ndarray]:
+    settings = config["finetune"]
+    maps, ok = trunk_maps(backbone, paths)
+    where = np.cumsum(ok) - 1  # row in ``maps`` of each readable poster
+    train_idx, val_idx = train_idx[ok[train_idx]], val_idx[ok[val_idx]]
+    _, tail = split_at_last_block(backbone.model)
+    model = TailModel(tail, head).to(device)
+    maps_t = torch.from_numpy(maps)
+    det_t = torch.from_numpy(det) if det is not None else None
+    y_t = torch.from_numpy(y)
+    generator = torch.Generator().manual_seed(config["seed"])
+
+    def rows(idx: np.ndarray) -> tuple[tuple, torch.Tensor]:
+        inputs = (maps_t[where[idx]].to(device), det_t[idx].to(device) if det_t is not None else None)
+        return inputs, y_t[idx].to(device)
+
+    def batches(epoch: int):
+        order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+        for start in range(0, len(order), settings["batch_size"]):
+            yield rows(order[start : start + settings["batch_size"]])
+
+    @torch.inference_mode()
+    def validate() -> float:
+        out = [torch.sigmoid(model(*rows(val_idx[s : s + 512])[0])).float().cpu().numpy()
+               for s in range(0, len(val_idx), 512)]
+        return metrics.mean_average_precision(y[val_idx], np.concatenate(out))
+
+    optimizer = _optimizer(tail.parameters(), head, config)
+    result = fit(model, batches, validate, _loss(y[train_idx], config, device), optimizer,
+                 Schedule(settings["epochs"], config["optim"]["patience"]), on_epoch=on_epoch,
+                 train_mode=_train_mode_frozen_bn, score_start=True)
+    with torch.inference_mode():
+        tuned = np.concatenate([model.embed(maps_t[s : s + 512].to(device)).float().cpu().numpy()
+                                for s in range(0, len(maps_t), 512)])
+    embeddings = np.full((len(paths), tuned.shape[1]), np.nan, np.float32)
+    embeddings[ok] = tuned
+    return result, embeddings
+
+
+# --- all: end to end on augmented posters (the GPU path) ----------------------------------------
+
+
 class PosterImages(torch.utils.data.Dataset):
-    """Posters with their cached detector features and labels; augmented when training."""
+    """Posters with their cached detector features and labels; augmented when training.
+
+    A poster that cannot be read any more is dropped from its batch (``collate_readable``).
+    """
 
     def __init__(self, paths: list[str], detectors: np.ndarray | None, y: np.ndarray, backbone: Backbone, train: bool) -> None:
         from torchvision.transforms import v2
 
         self.paths, self.detectors, self.y = paths, detectors, y
         self.prepare = backbone.prepare
-        size = backbone.spec.input_size
-        # Crops keep a poster's 2:3 shape before the stretch to a square, as at inference.
+        # Crops keep a poster's shape before the resize to the view, as at inference.
         self.augment = v2.Compose([
-            v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.55, 0.8), antialias=True),
+            v2.RandomResizedCrop((backbone.height, backbone.width), scale=(0.6, 1.0), ratio=(0.55, 0.8), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(0.2, 0.2, 0.2, 0.02),
         ]) if train else None
@@ -45,11 +206,15 @@ class PosterImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             rgb = decode_bytes(Path(self.paths[i]).read_bytes())
-        except (OSError, BadImage):  # listed in the cache, so readable once; a vanished file is skipped
-            rgb = np.zeros((8, 8, 3), np.uint8)
+        except (OSError, BadImage):
+            return None
         image = self.prepare(rgb) if self.augment is None else self.augment(torch.tensor(rgb).permute(2, 0, 1))
         det = torch.from_numpy(self.detectors[i]) if self.detectors is not None else torch.zeros(0)
         return image, det, torch.from_numpy(self.y[i])
+
+
+def collate_readable(samples: list) -> tuple:
+    return torch.utils.data.default_collate([s for s in samples if s is not None])
 
 
 class FineTuneModel(torch.nn.Module):
@@ -61,74 +226,35 @@ class FineTuneModel(torch.nn.Module):
         return self.head(self.backbone.embed(images).float(), det)
 
 
-def finetune(paths: list[str], det: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-             head: FusionHead, config: dict, device: torch.device, out_dir: Path,
-             on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionHead, dict, np.ndarray, Path]:
-    """Fine-tune from a fitted head; returns the best head, history, validation probabilities, backbone file."""
-    from safetensors.torch import save_file
-
+def _end_to_end(backbone: Backbone, paths, det, y, train_idx, val_idx, head: FusionHead, config: dict,
+                device: torch.device, on_epoch) -> tuple[FitResult, None]:
     settings = config["finetune"]
-    torch.manual_seed(config["seed"])
-    backbone = create_backbone(config["backbone"]).to(device)
-    model = FineTuneModel(backbone, head.to(device))
+    model = FineTuneModel(backbone, head)
     amp = settings["mixed_precision"] and device.type == "cuda"
 
     def loader(idx: np.ndarray, train: bool) -> torch.utils.data.DataLoader:
         dataset = PosterImages([paths[i] for i in idx], det[idx] if det is not None else None, y[idx], backbone, train)
         return torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], shuffle=train,
-                                           num_workers=min(8, max(1, (torch.get_num_threads() or 2) - 1)),
+                                           num_workers=default_workers(device), collate_fn=collate_readable,
                                            drop_last=train, generator=torch.Generator().manual_seed(config["seed"]))
 
     train_loader, val_loader = loader(train_idx, True), loader(val_idx, False)
-    optimizer = torch.optim.AdamW([
-        {"params": backbone.model.parameters(), "lr": settings["lr_backbone"]},
-        {"params": head.parameters(), "lr": settings["lr_head"]},
-    ], weight_decay=config["optim"]["weight_decay"])
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    uses_det = det is not None
 
-    def evaluate() -> np.ndarray:
-        model.eval()
-        out = []
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            for images, d, _ in val_loader:
-                out.append(torch.sigmoid(model(images.to(device), d.to(device) if det is not None else None)).float().cpu().numpy())
-        return np.concatenate(out)
-
-    best_prob = evaluate()
-    best = {"map": metrics.mean_average_precision(y[val_idx], best_prob), "epoch": 0,
-            "state": copy.deepcopy(model.state_dict())}
-    history = [{"epoch": 0, "val_map": best["map"]}]
-    for epoch in range(1, settings["epochs"] + 1):
-        model.train()
-        _freeze_batchnorm(backbone.model)
-        total, seen = 0.0, 0
+    def batches(epoch: int):
         for images, d, target in train_loader:
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                logits = model(images.to(device), d.to(device) if det is not None else None)
-            loss = loss_fn(logits.float(), target.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, seen = total + float(loss.detach()) * len(target), seen + len(target)
-        prob = evaluate()
-        val_map = metrics.mean_average_precision(y[val_idx], prob)
-        history.append({"epoch": epoch, "loss": total / max(seen, 1), "val_map": val_map})
-        if on_epoch:
-            on_epoch(epoch, total / max(seen, 1), val_map)
-        if val_map > best["map"]:
-            best = {"map": val_map, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-            best_prob = prob
-        elif epoch - best["epoch"] >= config["optim"]["patience"]:
-            break
-    model.load_state_dict(best["state"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    backbone_file = out_dir / BACKBONE_FILE
-    save_file({k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}, str(backbone_file))
-    return head.cpu().eval(), {"best_epoch": [best["epoch"]], "epochs_run": [len(history) - 1], "history": history}, best_prob, backbone_file
+            yield (images.to(device), d.to(device) if uses_det else None), target.to(device)
 
+    def validate() -> float:
+        out, truth = [], []
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            for images, d, target in val_loader:
+                out.append(torch.sigmoid(model(images.to(device), d.to(device) if uses_det else None)).float().cpu().numpy())
+                truth.append(target.numpy())
+        return metrics.mean_average_precision(np.concatenate(truth), np.concatenate(out))
 
-def _freeze_batchnorm(model: torch.nn.Module) -> None:
-    """Keep ImageNet BatchNorm statistics: small poster batches would only make them noisier."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    optimizer = _optimizer(backbone.model.parameters(), head, config)
+    result = fit(model, batches, validate, _loss(y[train_idx], config, device), optimizer,
+                 Schedule(settings["epochs"], config["optim"]["patience"], "cuda" if amp else None),
+                 on_epoch=on_epoch, train_mode=_train_mode_frozen_bn, score_start=True)
+    return result, None

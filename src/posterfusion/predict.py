@@ -60,6 +60,7 @@ class Predictor:
             backbone=config["backbone"] if self.card.get("backbone") else None,
             device=device,
             backbone_weights=self.model_dir / weights_file if weights_file else None,
+            backbone_view=config.get("backbone_view"),
         )
         check_compatible(self.card, self.models, self.model_dir)
         self.genres: list[str] = self.card["genres"]

@@ -7,7 +7,6 @@ validation mAP -> per-genre thresholds tuned on validation -> weights + model ca
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from .errors import PosterFusionError
 from .extract import FrozenModels, Progress, resolve_device
 from .features import FeatureTable, gather
 from .manifest import Manifest, load_manifest
+from .loop import Schedule, fit
 from .model import MODES, FusionEnsemble, FusionHead, HeadConfig, save_model
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
@@ -64,6 +64,7 @@ def models_for(config: dict, device: str = "auto") -> FrozenModels:
         objects=config["objects"] if mode in ("detectors", "fusion") else None,
         backbone=config["backbone"] if mode in ("cnn", "fusion") else None,
         device=device,
+        backbone_view=config["backbone_view"],
     )
 
 
@@ -100,11 +101,8 @@ def pos_weight(y: np.ndarray, config: dict) -> torch.Tensor:
     return torch.as_tensor(np.minimum(weight, config["loss"]["max_pos_weight"]), dtype=torch.float32)
 
 
-def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, val: np.ndarray,
-             config: dict, device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionHead, dict]:
-    """Train one head with early stopping on validation mAP; returns the best head and history."""
-    torch.manual_seed(config["seed"])
-    generator = torch.Generator().manual_seed(config["seed"])
+def new_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, config: dict) -> FusionHead:
+    """A head for these feature sets, its standardisers and output biases fitted on the training rows."""
     head = FusionHead(HeadConfig(
         mode=config["mode"],
         cnn_dim=cnn.shape[1] if cnn is not None else 0,
@@ -115,45 +113,42 @@ def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, trai
     log_mask = np.isin(schema.COLUMNS, schema.COUNT_COLUMNS) if det is not None else None
     head.fit_standardizers(cnn[train] if cnn is not None else None, det[train] if det is not None else None, log_mask)
     head.set_genre_prior(y[train].mean(0))
-    head.to(device)
+    return head
+
+
+def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, val: np.ndarray,
+             config: dict, device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionHead, dict]:
+    """Train one head with early stopping on validation mAP; returns the best head and history."""
+    torch.manual_seed(config["seed"])
+    generator = torch.Generator().manual_seed(config["seed"])
+    head = new_head(cnn, det, y, train, config).to(device)
 
     def tensor(a: np.ndarray | None, idx: np.ndarray) -> torch.Tensor | None:
         return None if a is None else torch.as_tensor(a[idx], device=device)
 
     x_train = (tensor(cnn, train), tensor(det, train))
-    x_val = (tensor(cnn, val), tensor(det, val))
     y_train = torch.as_tensor(y[train], device=device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight(y[train], config).to(device))
     opt = config["optim"]
-    optimizer = torch.optim.AdamW(head.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt["epochs"])
 
-    best = {"map": -1.0, "epoch": -1, "state": None}
-    history = []
-    for epoch in range(opt["epochs"]):
-        head.train()
+    def batches(epoch: int):
         order = torch.randperm(len(train), generator=generator).to(device)
-        total = 0.0
         for start in range(0, len(train), opt["batch_size"]):
             idx = order[start : start + opt["batch_size"]]
-            logits = head(*(None if x is None else x[idx] for x in x_train))
-            loss = loss_fn(logits, y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-        scheduler.step()
-        val_prob = predict_proba(head, *x_val)
-        val_map = metrics.mean_average_precision(y[val], val_prob)
-        history.append({"epoch": epoch + 1, "loss": total / len(train), "val_map": val_map})
-        if on_epoch:
-            on_epoch(epoch + 1, total / len(train), val_map)
-        if val_map > best["map"]:
-            best = {"map": val_map, "epoch": epoch + 1, "state": copy.deepcopy(head.state_dict())}
-        elif epoch + 1 - best["epoch"] >= opt["patience"]:
-            break
-    head.load_state_dict(best["state"])
-    return head.eval(), {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history}
+            yield tuple(None if x is None else x[idx] for x in x_train), y_train[idx]
+
+    def validate() -> float:
+        return metrics.mean_average_precision(y[val], predict_proba(head, _rows(cnn, val), _rows(det, val)))
+
+    optimizer = torch.optim.AdamW(head.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"])
+    result = fit(head, batches, validate, loss_function(y[train], config, device), optimizer,
+                 Schedule(opt["epochs"], opt["patience"]),
+                 torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt["epochs"]), on_epoch)
+    return head, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history}
+
+
+def loss_function(y_train: np.ndarray, config: dict, device: torch.device) -> torch.nn.Module:
+    """BCE with the config's per-genre positive weights: one loss for heads and fine-tunes."""
+    return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight(y_train, config).to(device))
 
 
 @torch.inference_mode()
@@ -231,27 +226,14 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
     )
 
     torch_device = resolve_device(device)
-    head, fit, thresholds, validation = fit_and_validate(
-        table.cnn, table.detectors, y, train_idx, val_idx, genres, config, torch_device, on_epoch
-    )
-    backbone_identity = models.backbone.identity if models.backbone else None
+    cnn, backbone_identity, finetuned = table.cnn, models.backbone.identity if models.backbone else None, None
     if config["finetune"]["enabled"]:
-        from .backbone import create_backbone
-        from .finetune import finetune
-
-        if models.backbone is None:
-            raise PosterFusionError("config: finetune needs a CNN branch (mode fusion or cnn)")
-        paths = [manifest.paths[i] for i in table.rows]
-        # The backbone is shared, so only the first head of the ensemble is fine-tuned with it.
-        tuned, fit, val_prob, backbone_file = finetune(
-            paths, table.detectors, y, train_idx, val_idx, head.heads[0], config, torch_device, Path(out_dir), on_epoch
-        )
-        head = FusionEnsemble([tuned])
-        thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
-        validation = metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
-        backbone_identity = create_backbone(config["backbone"], weights=backbone_file).identity | {
-            "weights_file": backbone_file.name, "fine_tuned_from": models.backbone.identity["weights_sha256"],
-        }
+        cnn, backbone_identity, finetuned = finetuned_embeddings(data, config, cache_dir, Path(out_dir), torch_device, on_epoch)
+        keep = ~np.isnan(cnn).any(1)  # posters unreadable since they were cached
+        train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
+    head, fit, thresholds, validation = fit_and_validate(
+        cnn, table.detectors, y, train_idx, val_idx, genres, config, torch_device, on_epoch
+    )
     prior = metrics.mean_average_precision(y[val_idx], metrics.prior_scores(y[train_idx], len(val_idx)))
 
     card = {
@@ -275,12 +257,48 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
             "unreadable_posters": len(table.failures),
             "best_epoch": fit["best_epoch"],
             "epochs_run": fit["epochs_run"],
+            "finetune": finetuned,
             "seconds": round(time.perf_counter() - start, 1),
             "device": str(torch_device),
         },
     }
     save_model(out_dir, head, card)
     return card
+
+
+def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path | None, out_dir: Path,
+                         device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None
+                         ) -> tuple[np.ndarray, dict, dict]:
+    """Fine-tune the backbone (config ``finetune``) from a head fitted on frozen embeddings; return
+    the tuned backbone's embeddings of the table's posters (stored in the cache under its own
+    identity), that identity for the model card, and how the fine-tune went."""
+    from .extract import FrozenModels
+    from .features import gather
+    from .finetune import finetune
+
+    if data.models.backbone is None:
+        raise PosterFusionError("config: finetune needs a CNN branch (mode fusion or cnn)")
+    table = data.table
+    start, _ = fit_head(table.cnn, table.detectors, data.y, data.train_idx, data.val_idx, config, device)
+    paths = [data.manifest.paths[i] for i in table.rows]
+    tuned = finetune(paths, table.detectors, data.y, data.train_idx, data.val_idx, start, config, device, out_dir, on_epoch)
+    models = FrozenModels(None, config["backbone"], str(device), backbone_weights=tuned.backbone_file,
+                          backbone_view=config["backbone_view"])
+    identity = models.backbone.identity
+    if tuned.embeddings is None:  # end to end: embed every poster with the tuned backbone
+        cnn = np.full((len(paths), models.backbone.dim), np.nan, np.float32)
+        tuned_table = gather(paths, models, cache_dir)
+        cnn[tuned_table.rows] = tuned_table.cnn
+    else:  # tail: already computed from the cached maps; kept for evaluate and predict --cache
+        cnn = tuned.embeddings
+        if cache_dir is not None:
+            from .extract import open_stores
+
+            ok = np.flatnonzero(~np.isnan(cnn).any(1))
+            open_stores(models, cache_dir)["backbone"].append([table.keys[i] for i in ok], [paths[i] for i in ok], cnn[ok])
+    card_identity = identity | {"weights_file": tuned.backbone_file.name,
+                                "fine_tuned_from": data.models.backbone.identity["weights_sha256"]}
+    return cnn, card_identity, tuned.fit | {"scope": config["finetune"]["scope"]}
 
 
 def _rows(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:

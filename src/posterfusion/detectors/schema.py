@@ -16,7 +16,7 @@ import numpy as np
 
 from .base import COCO_CLASSES, EXPRESSIONS, Detections
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 COUNT_THRESHOLD = 0.35
 """Detections at or above this score are counted and their areas summed; max confidence uses all."""
@@ -26,6 +26,11 @@ FACE_THRESHOLD = 0.9
 
 HUE_BINS = 12
 _GRID_W, _GRID_H = 24, 36  # person-coverage raster: union of boxes without polygon maths
+LAYOUT = 3
+"""Where people and faces are, on a LAYOUT x LAYOUT grid over the poster: a 224-px CNN sees a
+crowd, a lone face at the top or a small figure at the bottom less surely than the detectors do."""
+GROUPS = ((1, 1), (2, 2), (3, 5), (6, 10_000))
+"""How many people / faces, as groups (one, a couple, a few, a crowd): a poster's cast size."""
 
 
 def _slug(name: str) -> str:
@@ -35,10 +40,14 @@ def _slug(name: str) -> str:
 OBJECT_COLUMNS = [
     f"obj_{_slug(c)}_{stat}" for c in COCO_CLASSES for stat in ("count", "maxconf", "area")
 ]
-PERSON_COLUMNS = ["person_coverage", "person_largest_area", "person_center_x", "person_center_y",
-                  "objects_total", "object_classes"]
-FACE_COLUMNS = ["face_count", "face_max_prob", "face_largest_area", "face_total_area",
-                "face_center_x", "face_center_y"]
+_CELLS = [f"{r}{c}" for r in range(LAYOUT) for c in range(LAYOUT)]
+_GROUP_NAMES = [f"{lo}" if lo == hi else f"{lo}plus" if hi > 1000 else f"{lo}to{hi}" for lo, hi in GROUPS]
+PERSON_COLUMNS = (["person_coverage", "person_largest_area", "person_center_x", "person_center_y",
+                   "objects_total", "object_classes"]
+                  + [f"person_cell_{cell}" for cell in _CELLS] + [f"persons_{g}" for g in _GROUP_NAMES])
+FACE_COLUMNS = (["face_count", "face_max_prob", "face_largest_area", "face_total_area",
+                 "face_center_x", "face_center_y"]
+                + [f"face_cell_{cell}" for cell in _CELLS] + [f"faces_{g}" for g in _GROUP_NAMES])
 EXPRESSION_COLUMNS = [
     f"expr_{e}_{stat}" for stat in ("mean", "max", "largest") for e in EXPRESSIONS
 ]
@@ -78,7 +87,7 @@ def object_features(det: Detections) -> np.ndarray:
         ],
         np.float32,
     )
-    return np.concatenate([per_class.reshape(-1), summary])
+    return np.concatenate([per_class.reshape(-1), summary, _layout(persons), _groups(len(persons))])
 
 
 def face_features(faces: Detections, expressions: np.ndarray) -> np.ndarray:
@@ -100,7 +109,8 @@ def face_features(faces: Detections, expressions: np.ndarray) -> np.ndarray:
         float((box[1] + box[3]) / 2),
     ]
     expr = np.concatenate([expressions.mean(0), expressions.max(0), expressions[largest]])
-    return np.concatenate([np.asarray(geometry, np.float32), expr.astype(np.float32)])
+    return np.concatenate([np.asarray(geometry, np.float32), _layout(faces.boxes), _groups(len(faces)),
+                           expr.astype(np.float32)])
 
 
 def image_features(rgb: np.ndarray) -> np.ndarray:
@@ -134,12 +144,21 @@ def _areas(boxes: np.ndarray) -> np.ndarray:
 
 
 def _coverage(boxes: np.ndarray) -> float:
-    if not len(boxes):
-        return 0.0
+    return float(_layout(boxes).mean())
+
+
+def _layout(boxes: np.ndarray) -> np.ndarray:
+    """Fraction of each cell of the LAYOUT x LAYOUT grid that the boxes cover (their union)."""
     grid = np.zeros((_GRID_H, _GRID_W), bool)
     for x1, y1, x2, y2 in boxes:
         grid[int(y1 * _GRID_H) : int(np.ceil(y2 * _GRID_H)), int(x1 * _GRID_W) : int(np.ceil(x2 * _GRID_W))] = True
-    return float(grid.mean())
+    cells = grid.reshape(LAYOUT, _GRID_H // LAYOUT, LAYOUT, _GRID_W // LAYOUT)
+    return cells.mean(axis=(1, 3)).reshape(-1).astype(np.float32)
+
+
+def _groups(n: int) -> np.ndarray:
+    """One-hot group of a count (all zeros for none)."""
+    return np.array([lo <= n <= hi for lo, hi in GROUPS], np.float32)
 
 
 def _centroid(boxes: np.ndarray) -> tuple[float, float]:
