@@ -7,6 +7,7 @@ Fast tests use tiny synthetic posters; the ``slow`` ones read the real posters i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,12 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import write_poster, assert_one_line_error
+from helpers import assert_one_line_error, tmpfs, write_poster
 from typer.testing import CliRunner
 
 from posterfusion.cache import list_stores
@@ -132,6 +134,91 @@ def test_corrupt_and_missing_posters_are_reported_and_skipped(tmp_path: Path, sh
     result = invoke(detect_cache_app, "build", manifest, "--cache", cache, "--batch-size", 3)
     _check_bad_files_reported(result, folder, expected, n_good=3)
     assert json.loads(invoke(detect_cache_app, "info", "--cache", cache, "--json").stdout)["posters"] == 3
+
+
+@contextlib.contextmanager
+def _fails_after(seconds: int) -> Iterator[None]:
+    """Turn a hang (a read blocked on a FIFO) into a test failure instead of a stuck test run."""
+    def hung(*_) -> None:
+        raise TimeoutError(f"still running after {seconds} s: hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_special_files_are_reported_and_skipped_without_reading_them(tmp_path: Path, shared_models) -> None:
+    folder = tmp_path / "posters"
+    write_poster(folder / "good.jpg", seed=1)
+    # A device: /dev/null rather than /dev/zero (tests/test_files.py), which a regression would read
+    # until the machine runs out of memory.
+    (folder / "null.jpg").symlink_to("/dev/null")
+    os.mkfifo(folder / "pipe.jpg")  # nobody writes: reading it blocked the build forever
+    (folder / "folder.jpg").mkdir()
+    with open(folder / "huge.jpg", "wb") as sparse:  # 80 MB on paper, nothing on disk
+        sparse.truncate(80 * 2**20)
+    expected = {"null.jpg": "not a regular file (a character device)", "pipe.jpg": "not a regular file (a FIFO)",
+                "folder.jpg": "not a regular file (a folder)", "huge.jpg": "file too large (80 MB, limit 64 MB)"}
+    manifest = folder / "manifest.csv"
+    manifest.write_text("poster,genres\n" + "".join(f"{name},Drama\n" for name in ["good.jpg", *expected]))
+    with _fails_after(60):
+        result = invoke(detect_cache_app, "build", manifest, "--cache", tmp_path / "cache")
+    _check_bad_files_reported(result, folder, expected, n_good=1)
+
+
+def _full_disk_after(writes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parquet writes fail as on a full disk (half a file written, then pyarrow's error) after
+    ``writes`` good ones."""
+    real_write = pq.write_table
+    calls = iter(range(10**6))
+
+    def write_table(table, where, **kwargs) -> None:
+        if next(calls) >= writes:
+            Path(where).write_bytes(b"PAR1 half a part")
+            raise OSError("IOError: No space left on device. Detail: [errno 28] No space left on device")
+        real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", write_table)
+
+
+def _check_disk_full(result, cache: Path, safe: int) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {cache}: disk full; {safe} posters are safe in the cache, and a rerun with free space completes it"
+    )
+    assert not list(cache.rglob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_a_full_disk_stops_the_build_in_one_line_and_a_rerun_completes_it(
+    tiny_manifest: Path, tmp_path: Path, shared_models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        _full_disk_after(2, patch)  # the first batch's detector and backbone parts fit
+        result = invoke(detect_cache_app, "build", tiny_manifest, "--cache", cache, "--batch-size", 2)
+    _check_disk_full(result, cache, safe=2)
+    rerun = invoke(detect_cache_app, "build", tiny_manifest, "--cache", cache, "--batch-size", 2)
+    assert summary_of(rerun.stdout) == {"total": 4, "done": 2, "cached": 2, "skipped": 0, "failed": 0}
+
+
+def test_a_full_tmpfs_cache_keeps_what_fitted(tmp_path: Path, shared_models) -> None:
+    """The same on a real full disk: a 200 kB tmpfs, where mounting one is allowed."""
+    folder = tmp_path / "posters"
+    for i in range(12):
+        write_poster(folder / f"p{i}.jpg", seed=i)
+    with tmpfs(tmp_path / "small", "size=200k") as small:
+        result = invoke(detect_cache_app, "build", folder, "--cache", small / "cache", "--batch-size", 2)
+        safe = len(set.intersection(*(store.keys() for store in list_stores(small / "cache"))))
+        assert 0 < safe < 12
+        _check_disk_full(result, small / "cache", safe)
+        shutil.copytree(small / "cache", tmp_path / "cache")  # somewhere with space
+    rerun = invoke(detect_cache_app, "build", folder, "--cache", tmp_path / "cache", "--batch-size", 2)
+    assert summary_of(rerun.stdout) == {"total": 12, "done": 12 - safe, "cached": safe, "skipped": 0, "failed": 0}
 
 
 def test_manifest_without_poster_column_is_a_one_line_error(tmp_path: Path) -> None:

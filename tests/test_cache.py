@@ -1,7 +1,8 @@
-"""The Parquet cache: identity-separated stores, atomic parts, deduplicated reads."""
+"""The Parquet cache: identity-separated stores, atomic parts, deduplicated reads, safe sharing."""
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from posterfusion import cache as cache_module
 from posterfusion.cache import FeatureStore, describe_cache, find_store, list_stores
 from posterfusion.errors import PosterFusionError
+from posterfusion.files import temp_name
 
 IDENTITY = {"schema_version": 1, "objects": {"name": "nanodet", "weights_sha256": "abc"}}
 COLUMNS = ["a_count", "b_maxconf"]
@@ -75,3 +77,57 @@ def test_describe_reports_posters_identity_and_columns(tmp_path: Path) -> None:
 def test_missing_cache_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PosterFusionError, match="no such cache folder"):
         describe_cache(tmp_path / "nope")
+
+
+def test_opening_a_store_keeps_the_temporary_files_of_live_writers(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    in_flight = temp_name(store.folder / "part-9.parquet")  # this process is alive: another builder
+    in_flight.write_bytes(b"half a part")
+    _store(tmp_path)
+    assert in_flight.exists()
+
+
+def test_a_reader_finds_every_row_when_compaction_removes_parts_it_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader, compactor = _store(tmp_path), _store(tmp_path)
+    for i in range(4):
+        compactor.append([f"k{i}"], [f"p{i}"], np.full((1, 2), i))
+    listed = reader.parts()
+    compactor.compact(force=True)  # another process, between the reader's listing and its reading
+    real_parts = FeatureStore.parts
+    answers = iter([listed])
+    monkeypatch.setattr(FeatureStore, "parts", lambda self: next(answers, None) or real_parts(self))
+    keys, values = reader.read()
+    assert sorted(keys) == [f"k{i}" for i in range(4)] and values.sum() == 2 * sum(range(4))
+
+
+def test_compaction_stores_each_key_once_keeping_the_last_copy(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.append(["k", "j"], ["p", "q"], np.zeros((2, 2)))
+    store.append(["k"], ["moved/p"], np.ones((1, 2)))
+    store.compact(force=True)
+    (part,) = store.parts()
+    table = pd.read_parquet(part)
+    assert sorted(table["key"]) == ["j", "k"]
+    assert table.set_index("key").loc["k", "path"] == "moved/p"
+
+
+def test_compaction_waits_its_turn_and_never_touches_a_read_only_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache_module, "COMPACT_AFTER", 2)
+    store = _store(tmp_path)
+    for i in range(3):
+        store.append([f"k{i}"], [f"p{i}"], np.zeros((1, 2)))
+    before = store.parts()
+    with open(store.folder / cache_module.LOCK_FILE, "a+b") as other:  # another process compacting
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        store.compact()
+        assert store.parts() == before
+    store.compact()
+    assert len(store.parts()) == 1
+    single = _store(tmp_path / "other")
+    single.append(["k"], ["p"], np.zeros((1, 2)))
+    single.compact()  # too few parts: not even the lock file is made
+    assert not (single.folder / cache_module.LOCK_FILE).exists()

@@ -9,24 +9,34 @@ poster file, so moved or renamed posters are hits.
 Each batch is written as its own Parquet part through a temporary file and an atomic rename: a
 run killed at any moment loses at most the batch in flight and leaves no corrupt file. Readers
 drop duplicate keys, so a crash during compaction is harmless too.
+
+Any number of processes may build and read one cache at once: temporary files carry their
+writer's pid and are cleaned up only once that writer is gone; compaction holds a per-store lock
+(``flock``) and writes the merged part before it deletes the ones it merged, and a reader that
+finds a listed part gone lists the parts again and starts over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import PosterFusionError
+from .errors import DiskFull, PosterFusionError
+from .files import atomic_path, is_disk_full, remove_stale_temps, write_text_atomic
 
 IDENTITY_FILE = "_identity.json"  # "_" prefix: pyarrow skips it when reading the folder
+LOCK_FILE = "_compact.lock"
 COMPACT_AFTER = 32  # parts; a 10,000-poster build would otherwise leave ~300 small files
+READ_ATTEMPTS = 20  # a reader starts over when compaction removed a part it had listed
 
 
 def identity_digest(identity: dict) -> str:
@@ -59,11 +69,10 @@ class FeatureStore:
                 raise PosterFusionError(f"{meta}: identity does not match its folder name; remove that folder")
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(meta, json.dumps(
+            write_text_atomic(meta, json.dumps(
                 {"kind": kind, "identity": identity, "columns": columns, "created": time.time()}, indent=2
             ))
-        for stale in folder.glob(".*.tmp"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(folder)  # left by a killed writer; other live writers' stay
         return cls(folder, kind, identity, columns)
 
     def parts(self) -> list[Path]:
@@ -71,19 +80,32 @@ class FeatureStore:
 
     def keys(self) -> set[str]:
         """Keys already stored (reads only the key column)."""
+        _, table = self._read_parts(columns=["key"])
+        return set(table.column("key").to_pylist()) if table is not None else set()
+
+    def _read_parts(self, columns: list[str] | None = None):
+        """The parts read, and all of them as one pyarrow table (None when there are none).
+
+        Another process's compaction may delete a part between listing and reading it; it wrote
+        the merged part first, so listing again finds every row.
+        """
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        keys: set[str] = set()
-        for part in self.parts():
-            keys.update(pq.read_table(part, columns=["key"]).column("key").to_pylist())
-        return keys
+        for _ in range(READ_ATTEMPTS):
+            parts = self.parts()
+            try:
+                tables = [pq.read_table(p, columns=columns) for p in parts]
+            except FileNotFoundError:
+                continue
+            return parts, (pa.concat_tables(tables) if tables else None)
+        raise PosterFusionError(f"{self.folder}: parts kept vanishing while reading; is a cleanup deleting them?")
 
     def append(self, keys: list[str], paths: list[str], values: np.ndarray) -> None:
         """Write one batch atomically as a new part."""
         if not keys:
             return
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         values = np.ascontiguousarray(values, dtype=np.float32)
         if values.shape != (len(keys), len(self.columns)):
@@ -93,20 +115,19 @@ class FeatureStore:
             arrays.update({name: pa.array(values[:, i]) for i, name in enumerate(self.columns)})
         else:
             arrays["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), len(self.columns))
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(pa.table(arrays), tmp)
-        _fsync_replace(tmp, self.folder / name)
+        self._write_part(pa.table(arrays), uuid.uuid4().hex[:8])
+
+    def _write_part(self, table, tag: str) -> None:
+        import pyarrow.parquet as pq
+
+        with atomic_path(self.folder / f"part-{time.time_ns():020d}-{tag}.parquet") as tmp:
+            pq.write_table(table, tmp)
 
     def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
         """All rows (or those of ``keys``, in that order, missing ones left out), deduplicated."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        parts = self.parts()
-        if not parts:
+        _, table = self._read_parts()
+        if table is None:
             return [], np.zeros((0, len(self.columns)), np.float32)
-        table = pa.concat_tables([pq.read_table(p) for p in parts])
         stored_keys = table.column("key").to_pylist()
         if self.wide:
             matrix = np.column_stack([table.column(c).to_numpy() for c in self.columns]).astype(np.float32)
@@ -117,24 +138,69 @@ class FeatureStore:
         wanted = list(index) if keys is None else [k for k in keys if k in index]
         return wanted, matrix[[index[k] for k in wanted]]
 
-    def compact(self) -> None:
-        """Merge many small parts into one; crash-safe because readers deduplicate."""
-        parts = self.parts()
-        if len(parts) < COMPACT_AFTER:
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def compact(self, force: bool = False) -> None:
+        """Merge the parts into one holding each key once (``COMPACT_AFTER`` parts or more, or any
+        two with ``force``).
 
-        table = pa.concat_tables([pq.read_table(p) for p in parts])
-        name = f"part-{time.time_ns():020d}-compact.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        _fsync_replace(tmp, self.folder / name)
-        for part in parts:
-            part.unlink(missing_ok=True)
+        Crash-safe because the merged part is in place before the merged ones go, and readers
+        deduplicate. One process compacts a store at a time (the others skip it: the parts they
+        see are being merged); parts written meanwhile are not among those listed, so they stay.
+        """
+        enough = 2 if force else max(COMPACT_AFTER, 2)
+        if len(self.parts()) < enough:  # the common case touches nothing (a read-only cache works)
+            return
+        with self._compaction_lock() as locked:
+            if not locked:
+                return
+            parts, table = self._read_parts()  # listed again: a compaction before ours merged some
+            if len(parts) < enough:
+                return
+            keys = table.column("key").to_pylist()
+            last = {key: row for row, key in enumerate(keys)}  # the last copy wins, as in read()
+            if len(last) < len(keys):
+                table = table.take(sorted(last.values()))
+            self._write_part(table, "compact")
+            for part in parts:
+                part.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _compaction_lock(self):
+        """Yields whether this process got the store's compaction lock (never waits for it)."""
+        with open(self.folder / LOCK_FILE, "a+b") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def row_count(self) -> int:
         return len(self.keys())
+
+
+@contextlib.contextmanager
+def disk_full_reported(stores: Iterable) -> Iterator[None]:
+    """A full disk inside the block becomes one line saying what is safe and what to do.
+
+    Every part is written atomically (the one being written when space ran out is removed), so
+    the cache stays valid and a rerun computes only what is missing. Counted once the block's
+    writes have ended: posters whose features are in every one of ``stores``.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        on_disk = [store for store in stores if isinstance(store, FeatureStore)]
+        safe = set.intersection(*(store.keys() for store in on_disk)) if on_disk else set()
+        where = on_disk[0].folder.parent if on_disk else "cache"
+        raise DiskFull(
+            f"{where}: disk full; {len(safe)} posters are safe in the cache, "
+            "and a rerun with free space completes it"
+        ) from None
 
 
 def list_stores(root: str | Path) -> list[FeatureStore]:
@@ -170,18 +236,6 @@ def _read_meta(meta: Path) -> dict:
         return json.loads(meta.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise PosterFusionError(f"{meta}: unreadable cache metadata ({exc}); remove that folder and rebuild") from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    _fsync_replace(tmp, path)
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
 
 
 def describe_cache(root: str | Path) -> dict:

@@ -28,9 +28,9 @@ from . import onnx_runtime
 # 64 entries keep every recurring shape (the P-Net pyramid) at the same speed, with flat memory.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 from .backbone import Backbone, create_backbone
-from .cache import FeatureStore
+from .cache import FeatureStore, disk_full_reported
 from .detectors import DetectorSet, Evidence, Preparer
-from .images import BadImage, content_key, decode_bytes
+from .images import BadImage, content_key, decode_bytes, read_poster_bytes
 from .timing import timed
 
 T = TypeVar("T")
@@ -65,12 +65,9 @@ class PosterDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Item:
         item = Item(self.paths[index])
         try:
-            data = Path(item.path).read_bytes()
-        except FileNotFoundError:
-            item.error = "file not found"
-            return item
-        except OSError as exc:
-            item.error = f"cannot read: {exc.strerror or exc}"
+            data = read_poster_bytes(item.path)
+        except BadImage as exc:
+            item.error = str(exc)
             return item
         item.key = content_key(data)
         need_detectors = self.preparer is not None and item.key not in self.detector_done
@@ -378,20 +375,21 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
                     todo.append(item)
             yield (len(items), len(todo)), todo
 
-    try:
-        for (size, done), result in models.stream(todo_batches()):
-            with timed(models.timings, "write"):  # only the wait for the previous batch's write
-                writer.submit(_append, detector_store, result.detector_items, result.features)
-                writer.submit(_append, backbone_store, result.backbone_items, result.embeddings)
-            summary.done += done
-            if progress:
-                progress.advance(size)
-    finally:
-        with timed(models.timings, "write"):
-            writer.close()
-    summary.seconds = time.perf_counter() - start
-    for store in stores.values():
-        store.compact()
+    with disk_full_reported(stores.values()):
+        try:
+            for (size, done), result in models.stream(todo_batches()):
+                with timed(models.timings, "write"):  # only the wait for the previous batch's write
+                    writer.submit(_append, detector_store, result.detector_items, result.features)
+                    writer.submit(_append, backbone_store, result.backbone_items, result.embeddings)
+                summary.done += done
+                if progress:
+                    progress.advance(size)
+        finally:
+            with timed(models.timings, "write"):
+                writer.close()
+        summary.seconds = time.perf_counter() - start
+        for store in stores.values():
+            store.compact()
     return summary
 
 

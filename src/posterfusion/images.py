@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .files import read_regular_file
+
 MAX_SIDE = 640
 """Longest side kept after decoding; every model downsizes further, so more is wasted memory."""
 
@@ -64,7 +66,20 @@ def content_key(data: bytes) -> str:
 
 def read_key(path: str | Path) -> str:
     """Content key of a file on disk, without decoding it (cheap cache look-ups)."""
-    return content_key(Path(path).read_bytes())
+    return content_key(read_poster_bytes(path))
+
+
+def read_poster_bytes(path: str | Path) -> bytes:
+    """A poster file's bytes; :class:`BadImage` with the reason where it cannot be one (missing,
+    unreadable, a device, FIFO or folder, or larger than any poster)."""
+    try:
+        return read_regular_file(path)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except ValueError as exc:  # not a regular file, too large
+        raise BadImage(str(exc)) from None
+    except OSError as exc:
+        raise BadImage(f"cannot read: {exc.strerror or exc}") from None
 
 
 def decode_bytes(data: bytes) -> np.ndarray:
@@ -128,14 +143,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def load_poster(path: str | Path) -> Poster:
     """Read, hash and decode one poster file; raises :class:`BadImage` with the reason."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except IsADirectoryError:
-        raise BadImage("is a directory, not an image") from None
-    except OSError as exc:
-        raise BadImage(f"cannot read: {exc.strerror or exc}") from None
+    data = read_poster_bytes(path)
     return Poster(path=str(path), key=content_key(data), rgb=decode_bytes(data))
 
 

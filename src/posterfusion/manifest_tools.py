@@ -7,7 +7,6 @@ CLI imports this module and ``fusion --help`` must stay fast.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from posterfusion.errors import PosterFusionError
+from posterfusion.files import atomic_path
 from posterfusion.importers.cleanup import poster_path
 
 if TYPE_CHECKING:
@@ -53,14 +53,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
 def write_manifest(frame: pd.DataFrame, path: Path) -> None:
     """Write through a temporary file, so a failed write never leaves half a manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            frame.to_csv(stream, index=False)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8", newline="") as stream:
+        frame.to_csv(stream, index=False)
 
 
 def rebase_posters(frame: pd.DataFrame, source_dir: Path, target_dir: Path) -> pd.DataFrame:

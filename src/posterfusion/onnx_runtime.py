@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import PosterFusionError
+from .files import atomic_path
 
 CHECK_TOLERANCE = 1e-3
 """Largest |onnxruntime - PyTorch| accepted on the check input (relative to the output's scale)."""
@@ -82,21 +83,13 @@ def _session(path: Path, threads: int | None = None):
 
 def _export(module: torch.nn.Module, example: torch.Tensor, output_names: Sequence[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, (example,), tmp, dynamo=False, opset_version=17, input_names=["x"],
-                output_names=list(output_names),
-                dynamic_axes={"x": {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
-            )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), str(tmp), dynamo=False, opset_version=17, input_names=["x"],
+            output_names=list(output_names),
+            dynamic_axes={"x": {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
+        )
 
 
 def _check(model: OrtModel, module: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> float:

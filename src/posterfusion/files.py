@@ -1,0 +1,154 @@
+"""File I/O at the edges, done one safe way: atomic writes, checked outputs, bounded reads.
+
+* Every file posterfusion writes for keeps (cache parts, manifests, ONNX exports, metadata) goes
+  through :func:`atomic_path`: written under a temporary name beside its target, flushed to disk,
+  then renamed over it, so a crash or a full disk leaves either the old file or the new one, never
+  half of one. Temporary names carry the writer's process id, so a process cleaning up a shared
+  folder (:func:`remove_stale_temps`) removes only what a dead writer left behind.
+* :func:`check_writable` tries an output location before a long command starts, so a typo in
+  ``--plot`` costs a second, not a finished evaluation.
+* :func:`read_regular_file` reads only regular files, up to a size cap: a manifest row naming
+  ``/dev/zero`` or a FIFO must not exhaust memory or hang a build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from .errors import PosterFusionError
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+"""Largest poster file read: far above any real poster (a few MB), far below a memory problem."""
+
+_TEMP = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def temp_name(final: Path) -> Path:
+    """A hidden temporary name beside ``final``, owned by this process (its pid is in the name).
+
+    The leading dot keeps pyarrow and pandas from reading it as part of a Parquet folder.
+    """
+    return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """A temporary path to write ``final``'s content to; on leaving the block without an error the
+    file is fsynced and renamed over ``final``. On any error (a full disk included) the temporary
+    file is removed and the error goes on, so nothing half-written is ever left behind."""
+    final = Path(final)
+    tmp = temp_name(final)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``path.write_text(text)``, atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temporary files in ``folder`` whose writer process is gone; returns them.
+
+    A file whose writer is alive (another build on the same cache) is left alone. Names without a
+    pid (written by older versions) count as stale. Pids are only meaningful on one machine, so
+    processes sharing a folder over a network file system must not build at the same time.
+    """
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        match = _TEMP.match(tmp.name)
+        if match and _alive(int(match[1])):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error means the disk (or the user's quota) is full, whoever raised it: pyarrow's
+    errors carry no errno, only the C library's message."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or any(
+        os.strerror(code) in str(exc) for code in (errno.ENOSPC, errno.EDQUOT)
+    )
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Raise a one-line error now if ``path`` cannot be written later: its folder cannot be made,
+    is not writable, or ``path`` is a folder. Creates the missing folders, as the write would.
+
+    The test is a real write of a temporary file, because permission bits do not tell (root
+    ignores them; a read-only mount does not show in them).
+    """
+    if path.is_dir():
+        raise PosterFusionError(f"{option} {path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(path)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise PosterFusionError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Like :func:`check_writable`, for an output that is a folder (``fusion train --out``)."""
+    if folder.exists() and not folder.is_dir():
+        raise PosterFusionError(f"{option} {folder}: is a file, not a folder")
+    check_writable(folder / "file", option)
+
+
+def read_regular_file(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file (symlinks followed), at most ``limit`` of them.
+
+    Anything else (a device, a FIFO, a socket, a folder) raises ``ValueError`` naming what it is,
+    without reading: ``/dev/zero`` never ends and a FIFO blocks until someone writes to it. The
+    type is checked on the opened descriptor (opened non-blocking, so a FIFO cannot hang the
+    open itself), so the file cannot be swapped between the check and the read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"not a regular file ({_kind(info.st_mode)})")
+        if info.st_size > limit:
+            raise ValueError(f"file too large ({info.st_size / 2**20:.0f} MB, limit {limit / 2**20:.0f} MB)")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(limit + 1)  # the file may have grown since fstat
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"file too large (over the {limit / 2**20:.0f} MB limit)")
+    return data
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
