@@ -19,7 +19,8 @@ import torch
 
 from posterfusion import metrics
 from posterfusion.extract import resolve_device
-from posterfusion.train import fit_and_validate, load_config, prepare_data
+from posterfusion.config import load_config
+from posterfusion.train import fit_and_validate, prepare_data
 
 KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")
 

@@ -25,7 +25,8 @@ from posterfusion.cli import fusion_app
 from posterfusion.features import gather
 from posterfusion.model import FusionEnsemble, load_model, save_model
 from posterfusion.predict import Predictor
-from posterfusion.train import fit_head, label_matrix, load_config, predict_proba, split_rows
+from posterfusion.config import load_config
+from posterfusion.train import fit_head, label_matrix, predict_proba, split_rows
 from posterfusion.manifest import load_manifest
 
 METRIC_KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy", "per_genre")

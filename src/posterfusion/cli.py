@@ -125,7 +125,8 @@ def train_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Train the fusion head on cached features and save the model with its card."""
-    from .train import load_config, train
+    from .config import load_config
+    from .train import train
 
     overrides = {k: v for k, v in (("mode", mode), ("seed", seed)) if v is not None}
     settings = load_config(config, overrides)

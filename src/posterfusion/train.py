@@ -23,39 +23,7 @@ from .extract import FrozenModels, Progress, resolve_device
 from .features import FeatureTable, gather
 from .manifest import Manifest, load_manifest
 from .loop import Schedule, fit
-from .model import MODES, FusionEnsemble, FusionHead, HeadConfig, save_model
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
-
-
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """The default config, updated by a YAML file and then by explicit overrides (nested dicts)."""
-    import yaml
-
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise PosterFusionError(f"{path}: config file not found")
-        try:
-            _merge(config, yaml.safe_load(path.read_text()) or {}, str(path))
-        except yaml.YAMLError as exc:
-            raise PosterFusionError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    _merge(config, overrides or {}, "overrides")
-    if config["mode"] not in MODES:
-        raise PosterFusionError(f"config: mode must be one of {', '.join(MODES)}, not {config['mode']!r}")
-    return config
-
-
-def _merge(base: dict, update: dict, where: str) -> None:
-    for key, value in update.items():
-        if key not in base:
-            raise PosterFusionError(f"{where}: unknown config key '{key}' (known: {', '.join(base)})")
-        if isinstance(base[key], dict) and isinstance(value, dict):
-            _merge(base[key], value, f"{where}:{key}")
-        else:
-            base[key] = value
-
+from .model import FusionEnsemble, FusionHead, HeadConfig, save_model
 
 def models_for(config: dict, device: str = "auto") -> FrozenModels:
     """The frozen models a config's mode needs (detectors, backbone or both)."""

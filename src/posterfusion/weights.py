@@ -1,7 +1,8 @@
 """Where the converted weights live, and how a weights file is identified.
 
 Converted weights are committed under the repository's ``weights/`` folder next to the scripts
-that made them; ``POSTERFUSION_WEIGHTS`` points elsewhere (an installed copy, a shared drive).
+that made them, and installed as the package ``posterfusion._weights`` (so a wheel carries them);
+``POSTERFUSION_WEIGHTS`` points elsewhere (a shared drive).
 A file's sha256 is its identity in cache keys and model cards, and is checked against the
 ``.sha256`` file shipped beside it so a damaged download fails before it computes garbage.
 """
@@ -11,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 from .errors import PosterFusionError
 
 
 def weights_dir() -> Path:
-    """The folder holding converted weights and the default model."""
+    """The folder holding converted weights and the default model: the installed package's data
+    (the repository's ``weights/`` in an editable install), unless ``POSTERFUSION_WEIGHTS`` is set."""
     override = os.environ.get("POSTERFUSION_WEIGHTS")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "weights"
+    return Path(override) if override else Path(str(resources.files("posterfusion._weights")))
 
 
 @lru_cache(maxsize=None)
@@ -37,8 +40,8 @@ def verified_weights(name: str) -> tuple[Path, str]:
     path = weights_dir() / name
     if not path.is_file():
         raise PosterFusionError(
-            f"{path}: weights file missing; it ships in the repository's weights/ folder "
-            "(set POSTERFUSION_WEIGHTS if you moved it)"
+            f"{path}: weights file missing; it ships with posterfusion (reinstall it, or set "
+            "POSTERFUSION_WEIGHTS to the folder that holds it)"
         )
     return path, checked_sha256(path)
 
