@@ -1,11 +1,15 @@
-"""Ablation table: what each branch is worth, on one validation split.
+"""Ablation table: what each branch and each accuracy lever is worth, on the held-out test split.
 
-Trains the head in each mode (``cnn`` only, ``detectors`` only, ``fusion``) with the same config,
-split and seeds as ``fusion train``, scores each on the validation split, and adds the
-genre-frequency prior as the floor. Several seeds show how much of a difference is noise.
+Every row is trained like ``fusion train`` (same config, split, early stopping and threshold tuning
+on the ``val`` rows) and scored on the manifest's ``test`` rows, which nothing else ever sees. Each
+row is repeated for several seed groups (each an ensemble of ``optim.ensemble`` heads) and shown
+as mean ± sd, so a lever is kept only where its gain beats the noise. The cost column is the
+backbone's measured forward time per poster for the row's view on this machine (detectors: every
+row that uses them pays the same, see bench/run.py).
 
-    python scripts/ablation.py --manifest ../shared/data/movieposters/labels.csv --cache CACHE \
-        [--config configs/default.yaml] [--seeds 0,1,2] [--json ablation.json]
+    fusion manifest split labels.csv --val 0.15 --test 0.15 --seed 0 --out split.csv
+    python scripts/ablation.py --manifest split.csv --cache CACHE [--seeds 0,10] [--json ablation.json]
+        [--rows prior,detectors-v1,...] [--config configs/default.yaml]
 """
 
 from __future__ import annotations
@@ -14,63 +18,164 @@ import argparse
 import copy
 import json
 import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from posterfusion import metrics
-from posterfusion.extract import resolve_device
 from posterfusion.config import load_config
-from posterfusion.train import fit_and_validate, prepare_data
+from posterfusion.detectors import schema
+from posterfusion.extract import resolve_device
+from posterfusion.train import (TrainingData, finetuned_embeddings, fit_and_validate, predict_proba, prepare_data,
+                                split_positions)
 
 KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")
+SQUASH = "224x224"
+V1_COLUMNS = [not c.startswith(("person_cell_", "persons_", "face_cell_", "faces_")) for c in schema.COLUMNS]
+"""Schema v1 = v2 without the layout and group columns; the others are zeroed (constant: no signal)."""
+
+
+@dataclass
+class Row:
+    key: str
+    name: str
+    overrides: dict = field(default_factory=dict)
+    v1_detectors: bool = False
+
+
+ROWS = [
+    Row("detectors-v1", "detectors only, schema v1", {"mode": "detectors"}, v1_detectors=True),
+    Row("detectors", "detectors only, schema v2 (+ layout, cast size)", {"mode": "detectors"}),
+    Row("cnn-squash", "cnn only, 224x224 squash", {"mode": "cnn", "backbone_view": SQUASH}),
+    Row("cnn-view", "cnn only, 224x320 + flip", {"mode": "cnn"}),
+    Row("fusion-v1", "fusion, 224x224 squash + schema v1 (v1's model)", {"backbone_view": SQUASH}, v1_detectors=True),
+    Row("fusion-squash", "fusion, 224x224 squash + schema v2", {"backbone_view": SQUASH}),
+    Row("fusion", "fusion, 224x320 + flip + schema v2", {}),
+    Row("fusion-posweight-full", "fusion, 224x320 + flip, pos_weight full", {"loss": {"pos_weight": "full"}}),
+    Row("cnn-tail", "cnn only, 224x320 + flip, tail fine-tuned", {"mode": "cnn", "finetune": {"enabled": True}}),
+    Row("fusion-tail", "fusion, 224x320 + flip, tail fine-tuned", {"finetune": {"enabled": True}}),
+]
+
+
+def merged(config: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(config)
+    for key, value in overrides.items():
+        out[key] = out[key] | value if isinstance(value, dict) else value
+    return out
+
+
+def backbone_ms(view: str, paths: list[str], n: int = 96) -> float:
+    """The backbone's forward time per poster for a view (batches of 8, as in the build)."""
+    from posterfusion.backbone import create_backbone
+    from posterfusion.images import decode_bytes
+
+    backbone = create_backbone("efficientnet_lite0", view=view, lazy=True).use_onnxruntime()
+    batch = torch.stack([backbone.prepare(decode_bytes(Path(p).read_bytes())) for p in paths[:n]])
+    with torch.inference_mode():
+        backbone.embed(batch[:8])  # warm-up
+        start = time.perf_counter()
+        for s in range(0, len(batch), 8):
+            backbone.embed(batch[s : s + 8])
+    return (time.perf_counter() - start) * 1000 / len(batch)
+
+
+def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache: str, device: torch.device) -> dict:
+    test = split_positions(data.manifest, data.table.rows, "test")
+    results, fine_tunes = [], []
+    for seed in seeds:
+        run = merged(config, row.overrides) | {"seed": seed}
+        mode = run["mode"]
+        cnn = data.table.cnn if mode in ("cnn", "fusion") else None
+        det = data.table.detectors if mode in ("detectors", "fusion") else None
+        if det is not None and row.v1_detectors:
+            det = det * np.asarray(V1_COLUMNS, np.float32)
+        train_idx, val_idx = data.train_idx, data.val_idx
+        if run["finetune"]["enabled"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                cnn, _, tuned = finetuned_embeddings(data, run, cache, Path(tmp), device)
+                fine_tunes.append({"seconds": time.perf_counter() - start, "best_epoch": tuned["best_epoch"],
+                                   "joint_val_map": tuned["best_val_map"]})
+        model, _, thresholds, val_scores = fit_and_validate(cnn, det, data.y, train_idx, val_idx, data.genres, run, device)
+        prob = predict_proba(model, None if cnn is None else cnn[test], None if det is None else det[test])
+        scores = metrics.evaluate(data.y[test], prob, thresholds, data.genres)
+        scores["val_map"] = val_scores["map"]
+        results.append(scores)
+        print(f"  {row.key} seed {seed}: test mAP {scores['map']:.4f}, val mAP {val_scores['map']:.4f}", flush=True)
+    return {"results": results, "fine_tunes": fine_tunes}
+
+
+def summarise(results: list[dict]) -> dict:
+    out = {}
+    for key in KEYS + ("val_map",):
+        values = [r[key] for r in results]
+        out[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--manifest", required=True, help="manifest with a split column holding train, val and test rows")
     parser.add_argument("--cache", required=True)
     parser.add_argument("--config", default=None)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,10", help="first seed of each seed group")
+    parser.add_argument("--rows", default=",".join(["prior"] + [r.key for r in ROWS]))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     config = load_config(args.config, {"mode": "fusion"})  # fusion needs both feature sets
-    data = prepare_data(args.manifest, args.cache, config, args.device)
     device = resolve_device(args.device)
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = {}
-    y_val = data.y[data.val_idx]
-    prior = metrics.prior_scores(data.y[data.train_idx], len(data.val_idx))
-    rows["genre-frequency prior"] = [metrics.evaluate(y_val, prior, metrics.tune_thresholds(y_val, prior), data.genres)]
-    for mode in ("detectors", "cnn", "fusion"):
-        results = []
-        for seed in seeds:
-            run = copy.deepcopy(config) | {"mode": mode, "seed": seed}
-            cnn = data.table.cnn if mode in ("cnn", "fusion") else None
-            det = data.table.detectors if mode in ("detectors", "fusion") else None
-            _, _, _, scores = fit_and_validate(cnn, det, data.y, data.train_idx, data.val_idx, data.genres, run, device)
-            results.append(scores)
-        rows[f"{mode} only" if mode != "fusion" else "fusion (cnn + detectors)"] = results
+    wanted = args.rows.split(",")
+    datasets: dict[str, TrainingData] = {}
+    summary: dict[str, dict] = {}
+    costs: dict[str, float] = {}
 
-    print(f"validation split: {len(data.val_idx)} posters, {len(data.genres)} genres; "
-          f"train: {len(data.train_idx)}; seeds {args.seeds} (mean ± sd)\n")
-    print("| model | mAP | micro-F1 | macro-F1 | samples-F1 | top-n acc |")
-    print("|---|---|---|---|---|---|")
-    summary = {}
-    for name, results in rows.items():
-        cells, summary[name] = [], {}
-        for key in KEYS:
-            values = [r[key] for r in results]
-            mean = statistics.fmean(values)
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            summary[name][key] = {"mean": mean, "sd": sd}
-            cells.append(f"{mean:.3f}" + (f" ± {sd:.3f}" if len(values) > 1 else ""))
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    def data_for(view: str) -> TrainingData:
+        if view not in datasets:
+            datasets[view] = prepare_data(args.manifest, args.cache, config | {"backbone_view": view}, args.device)
+        return datasets[view]
+
+    if "prior" in wanted:
+        data = data_for(config["backbone_view"])
+        test = split_positions(data.manifest, data.table.rows, "test")
+        y_val, y_test = data.y[data.val_idx], data.y[test]
+        thresholds = metrics.tune_thresholds(y_val, metrics.prior_scores(data.y[data.train_idx], len(data.val_idx)))
+        prior = metrics.evaluate(y_test, metrics.prior_scores(data.y[data.train_idx], len(test)), thresholds, data.genres)
+        summary["genre-frequency prior"] = {"scores": summarise([prior | {"val_map": 0.0}]), "backbone_ms": 0.0}
+    for row in ROWS:
+        if row.key not in wanted:
+            continue
+        run = merged(config, row.overrides)
+        data = data_for(run["backbone_view"])
+        print(f"{row.name} ...", flush=True)
+        outcome = run_row(row, data, config, seeds, args.cache, device)
+        view = run["backbone_view"]
+        if run["mode"] != "detectors" and view not in costs:
+            costs[view] = backbone_ms(view, [data.manifest.paths[i] for i in data.table.rows])
+        summary[row.name] = {"scores": summarise(outcome["results"]), "fine_tunes": outcome["fine_tunes"],
+                             "backbone_ms": costs.get(view, 0.0) if run["mode"] != "detectors" else 0.0,
+                             "seeds": outcome["results"]}
+
+    data = next(iter(datasets.values()))
+    test = split_positions(data.manifest, data.table.rows, "test")
+    print(f"\ntest split: {len(test)} posters, {len(data.genres)} genres; thresholds and early stopping on "
+          f"{len(data.val_idx)} val posters; train {len(data.train_idx)}; seed groups {args.seeds} (mean ± sd)\n")
+    print("| model | test mAP | micro-F1 | macro-F1 | samples-F1 | top-n acc | val mAP | backbone ms/poster |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, entry in summary.items():
+        cells = [f"{entry['scores'][k]['mean']:.3f}" + (f" ± {entry['scores'][k]['sd']:.3f}" if len(seeds) > 1 else "")
+                 for k in KEYS + ("val_map",)]
+        print(f"| {name} | " + " | ".join(cells) + f" | {entry['backbone_ms']:.1f} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"seeds": seeds, "val_posters": len(data.val_idx), "rows": summary}, handle, indent=2)
+            json.dump({"seeds": seeds, "test_posters": len(test), "val_posters": len(data.val_idx),
+                       "rows": summary}, handle, indent=2, default=float)
 
 
 if __name__ == "__main__":

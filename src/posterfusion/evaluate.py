@@ -34,7 +34,7 @@ def evaluate_manifest(manifest_path: str | Path, predictor: Predictor, cache_dir
     table = gather(manifest.paths, predictor.models, cache_dir, progress=progress)
     if not len(table.rows):
         raise PosterFusionError(f"{manifest_path}: none of its posters could be read")
-    probs = predict_proba(predictor.head, table.cnn, table.detectors)
+    probs = predict_proba(predictor.head, table.cnn, table.detectors, table.text)
     y = label_matrix(manifest, table.rows, genres)
     result = metrics.evaluate(y, probs, predictor.thresholds, genres)
     frequency = predictor.card.get("train_genre_frequency")

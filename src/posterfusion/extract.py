@@ -46,18 +46,22 @@ class Item:
     cached: bool = False
     detector_input: dict[str, Any] | None = None
     backbone_input: torch.Tensor | None = None
+    text_input: np.ndarray | None = None
 
 
 class PosterDataset(torch.utils.data.Dataset):
     """Reads, hashes, decodes and prepares posters; runs inside DataLoader workers."""
 
     def __init__(self, paths: list[str], preparer: Preparer | None, backbone: Backbone | None,
-                 detector_done: frozenset[str] = frozenset(), backbone_done: frozenset[str] = frozenset()) -> None:
+                 detector_done: frozenset[str] = frozenset(), backbone_done: frozenset[str] = frozenset(),
+                 read_text: bool = False, text_done: frozenset[str] = frozenset()) -> None:
         self.paths = paths
         self.preparer = preparer
         self.backbone_prepare = backbone.prepare if backbone is not None else None
+        self.read_text = read_text
         self.detector_done = detector_done
         self.backbone_done = backbone_done
+        self.text_done = text_done
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,7 +76,8 @@ class PosterDataset(torch.utils.data.Dataset):
         item.key = content_key(data)
         need_detectors = self.preparer is not None and item.key not in self.detector_done
         need_backbone = self.backbone_prepare is not None and item.key not in self.backbone_done
-        if not (need_detectors or need_backbone):
+        need_text = self.read_text and item.key not in self.text_done
+        if not (need_detectors or need_backbone or need_text):
             item.cached = True
             return item
         try:
@@ -84,6 +89,10 @@ class PosterDataset(torch.utils.data.Dataset):
             item.detector_input = self.preparer(rgb)
         if need_backbone:
             item.backbone_input = self.backbone_prepare(rgb)
+        if need_text:
+            from .detectors import text
+
+            item.text_input = text.prepare(rgb)
         return item
 
 
@@ -155,6 +164,9 @@ class Extracted:
     evidence: list[Evidence] = field(default_factory=list)
     backbone_items: list[Item] = field(default_factory=list)
     embeddings: np.ndarray | None = None
+    text_items: list[Item] = field(default_factory=list)
+    text_features: np.ndarray | None = None
+    text_lines: list = field(default_factory=list)  # per text item, the Lines read
 
     @property
     def prepared(self) -> list[dict[str, Any]]:
@@ -172,11 +184,14 @@ class FrozenModels:
     one-thread stages finish a batch sooner than every model in turn on both cores. Outputs do
     not change: each model sees the same batches, and its results do not depend on its thread
     count (tests/test_speedups.py). ``concurrent=False`` runs them in turn on all cores.
+
+    The text detector (``text=True``, OCR: ~3x the other models' cost together) runs in the PyTorch
+    stage, which is the lighter one without it.
     """
 
     def __init__(self, objects: str | None = "nanodet", backbone: str | None = "efficientnet_lite0",
                  device: str = "auto", backbone_weights: str | Path | None = None,
-                 concurrent: bool | None = None, backbone_view: str | None = None) -> None:
+                 concurrent: bool | None = None, backbone_view: str | None = None, text: bool = False) -> None:
         self.device = resolve_device(device)
         if self.device.type == "cuda":
             # Cached features must not depend on the hardware: no TF32 shortcuts in frozen models.
@@ -184,7 +199,7 @@ class FrozenModels:
             torch.backends.cuda.matmul.allow_tf32 = False
         cores = torch.get_num_threads()
         if concurrent is None:
-            concurrent = self.device.type == "cpu" and cores >= 2 and objects is not None
+            concurrent = self.device.type == "cpu" and cores >= 2 and (objects is not None or text)
         self.concurrent = concurrent
         # Threads of the PyTorch stage (faces) and of the onnxruntime stage (objects, backbone).
         self.torch_threads = cores - cores // 2 if concurrent else cores
@@ -194,6 +209,12 @@ class FrozenModels:
         self.backbone = create_backbone(backbone, weights=backbone_weights, lazy=ort, view=backbone_view).to(self.device) if backbone else None
         if self.backbone is not None and ort:
             self.backbone.use_onnxruntime(ort_threads)  # frozen here: the faster CPU runtime, same numbers
+        if text:
+            from .detectors.text import TextReader
+
+            self.text = TextReader(self.torch_threads)
+        else:
+            self.text = None
         self.timings: dict[str, float] = {}
         self.model_batch = model_batch_size(self.device)
         self._helper = None
@@ -212,7 +233,9 @@ class FrozenModels:
             for tag, items in batches:
                 out = _split(items)
                 objects = self._objects_and_embeddings(out)
-                yield tag, self._finish(out, objects, self._faces(out))
+                faces = self._faces(out)
+                self._read_text(out)
+                yield tag, self._finish(out, objects, faces)
             return
         if self._helper is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -237,6 +260,7 @@ class FrozenModels:
         with torch_threads(self.torch_threads):
             try:
                 faces = self._faces(out)
+                self._read_text(out)
             finally:
                 objects = pending.result()
         return tag, self._finish(out, objects, faces)
@@ -244,6 +268,20 @@ class FrozenModels:
     def _faces(self, out: Extracted) -> list:
         """The PyTorch stage: faces and their expressions."""
         return self.detectors.detect_faces(out.prepared, self.timings) if out.detector_items else []
+
+    def _read_text(self, out: Extracted) -> None:
+        """Text lines and their features (into ``out``), in the PyTorch stage's thread."""
+        if self.text is None or not out.text_items:
+            return
+        from .detectors import schema
+
+        with timed(self.timings, "text"):
+            rows = []
+            for item in out.text_items:
+                lines, detected, area = self.text.read(item.text_input)
+                out.text_lines.append(lines)
+                rows.append(schema.text_features(lines, detected, area))
+            out.text_features = np.stack(rows)
 
     def _finish(self, out: Extracted, objects: list, faces: list) -> Extracted:
         if out.detector_items:
@@ -267,7 +305,8 @@ class FrozenModels:
 def _split(items: list[Item]) -> Extracted:
     """An empty :class:`Extracted` naming which items each stage has to do."""
     return Extracted(detector_items=[i for i in items if i.detector_input is not None],
-                     backbone_items=[i for i in items if i.backbone_input is not None])
+                     backbone_items=[i for i in items if i.backbone_input is not None],
+                     text_items=[i for i in items if i.text_input is not None])
 
 
 @contextlib.contextmanager
@@ -334,13 +373,15 @@ class BuildSummary:
 def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenModels, batch_size: int = 32,
                 workers: int | None = None, progress: Progress | None = None) -> BuildSummary:
     """Compute what the stores lack for these posters; each batch is committed as it finishes."""
-    detector_store, backbone_store = stores.get("detectors"), stores.get("backbone")
+    detector_store, backbone_store, text_store = stores.get("detectors"), stores.get("backbone"), stores.get("text")
     dataset = PosterDataset(
         paths,
         models.detectors.preparer if models.detectors else None,
         models.backbone,
         frozenset(detector_store.keys()) if detector_store else frozenset(),
         frozenset(backbone_store.keys()) if backbone_store else frozenset(),
+        models.text is not None,
+        frozenset(text_store.keys()) if text_store else frozenset(),
     )
     if workers is None:
         workers = default_workers(models.device) if len(paths) > batch_size else 0
@@ -381,6 +422,7 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
                 with timed(models.timings, "write"):  # only the wait for the previous batch's write
                     writer.submit(_append, detector_store, result.detector_items, result.features)
                     writer.submit(_append, backbone_store, result.backbone_items, result.embeddings)
+                    writer.submit(_append, text_store, result.text_items, result.text_features)
                 summary.done += done
                 if progress:
                     progress.advance(size)
@@ -446,6 +488,10 @@ def open_stores(models: FrozenModels, cache_dir: str | Path | None = None) -> di
         specs.append(("detectors", models.detectors.identity, models.detectors.columns))
     if models.backbone is not None:
         specs.append(("backbone", models.backbone.identity, [f"cnn_{i:04d}" for i in range(models.backbone.dim)]))
+    if models.text is not None:
+        from .detectors import schema
+
+        specs.append(("text", models.text.identity | {"schema_version": schema.SCHEMA_VERSION}, list(schema.TEXT_COLUMNS)))
     if cache_dir is None:
         return {kind: MemoryStore(kind, identity, columns) for kind, identity, columns in specs}
     return {kind: FeatureStore.open(cache_dir, kind, identity, columns) for kind, identity, columns in specs}

@@ -23,6 +23,7 @@ class FeatureTable:
     cnn: np.ndarray | None
     detectors: np.ndarray | None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), in input order
+    text: np.ndarray | None = None  # the text detector's features, where it ran
 
     def errors(self) -> dict[int, str]:
         """Reason per input index for the posters that could not be read."""
@@ -39,9 +40,9 @@ def gather(paths: list[str], models: FrozenModels, cache_dir: str | Path | None 
     rows = np.array([i for i, key in enumerate(summary.keys) if key], dtype=np.int64)
     keys = [summary.keys[i] for i in rows]
     unique = list(dict.fromkeys(keys))
-    arrays: dict[str, np.ndarray | None] = {"detectors": None, "backbone": None}
+    arrays: dict[str, np.ndarray | None] = {"detectors": None, "backbone": None, "text": None}
     for kind, store in stores.items():
         stored_keys, matrix = store.read(unique)
         position = {k: i for i, k in enumerate(stored_keys)}
         arrays[kind] = matrix[[position[k] for k in keys]]
-    return FeatureTable(rows, keys, arrays["backbone"], arrays["detectors"], summary.failures)
+    return FeatureTable(rows, keys, arrays["backbone"], arrays["detectors"], summary.failures, arrays["text"])

@@ -42,14 +42,15 @@ class Tuned:
     embeddings: np.ndarray | None = None
 
 
-def finetune(paths: list[str], det: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-             head: FusionHead, config: dict, device: torch.device, out_dir: Path,
+def finetune(paths: list[str], det: np.ndarray | None, text: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray,
+             val_idx: np.ndarray, head: FusionHead, config: dict, device: torch.device, out_dir: Path,
              on_epoch: Callable[[int, float, float], None] | None = None) -> Tuned:
     """Fine-tune from a fitted head in the config's scope; the backbone file is written to ``out_dir``."""
     backbone = create_backbone(config["backbone"], view=config["backbone_view"]).to(device)
     run = _tail if config["finetune"]["scope"] == "tail" else _end_to_end
     torch.manual_seed(config["seed"])
-    fit_result, embeddings = run(backbone, paths, det, y, train_idx, val_idx, head.to(device), config, device, on_epoch)
+    fit_result, embeddings = run(backbone, paths, det, text, y, train_idx, val_idx, head.to(device), config, device,
+                                 on_epoch)
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,16 +102,29 @@ class TailModel(torch.nn.Module):
             return self.tail(maps[torch.arange(len(maps), device=maps.device), pick].float())
         return torch.stack([self.tail(maps[:, v].float()) for v in range(maps.shape[1])]).mean(0)
 
-    def forward(self, maps: torch.Tensor, det: torch.Tensor | None) -> torch.Tensor:
-        return self.head(self.embed(maps), det)
+    def forward(self, maps: torch.Tensor, det: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
+        return self.head(self.embed(maps), det, text)
+
+
+_last_maps: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def trunk_maps(backbone: Backbone, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Trunk output maps (N, views, C, H, W) as float16 for readable posters, and which were readable.
 
     Readable once is not readable now: a poster that vanished or broke since its features were
-    cached is left out of the fine-tune rather than trained on as a blank image.
+    cached is left out of the fine-tune rather than trained on as a blank image. The last result
+    is kept (~0.5 GB for 10,000 posters), so fine-tunes of several seeds in one process
+    (scripts/ablation.py) compute the maps once.
     """
+    key = (backbone.weights_sha256, backbone.width, backbone.height, backbone.flip, tuple(paths))
+    if key not in _last_maps:
+        _last_maps.clear()
+        _last_maps[key] = _compute_trunk_maps(backbone, paths, batch_size)
+    return _last_maps[key]
+
+
+def _compute_trunk_maps(backbone: Backbone, paths: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     from . import onnx_runtime
 
     trunk, _ = split_at_last_block(backbone.model)
@@ -139,7 +153,7 @@ def trunk_maps(backbone: Backbone, paths: list[str], batch_size: int = 32) -> tu
     return (np.concatenate(maps) if maps else np.zeros((0,), np.float16)), ok
 
 
-def _tail(backbone: Backbone, paths, det, y, train_idx, val_idx, head: FusionHead, config: dict,
+def _tail(backbone: Backbone, paths, det, text, y, train_idx, val_idx, head: FusionHead, config: dict,
           device: torch.device, on_epoch) -> tuple[FitResult, np.ndarray]:
     settings = config["finetune"]
     maps, ok = trunk_maps(backbone, paths)
@@ -149,11 +163,13 @@ def _tail(backbone: Backbone, paths, det, y, train_idx, val_idx, head: FusionHea
     model = TailModel(tail, head).to(device)
     maps_t = torch.from_numpy(maps)
     det_t = torch.from_numpy(det) if det is not None else None
+    text_t = torch.from_numpy(text) if text is not None else None
     y_t = torch.from_numpy(y)
     generator = torch.Generator().manual_seed(config["seed"])
 
     def rows(idx: np.ndarray) -> tuple[tuple, torch.Tensor]:
-        inputs = (maps_t[where[idx]].to(device), det_t[idx].to(device) if det_t is not None else None)
+        inputs = (maps_t[where[idx]].to(device), det_t[idx].to(device) if det_t is not None else None,
+                  text_t[idx].to(device) if text_t is not None else None)
         return inputs, y_t[idx].to(device)
 
     def batches(epoch: int):
@@ -183,15 +199,14 @@ def _tail(backbone: Backbone, paths, det, y, train_idx, val_idx, head: FusionHea
 
 
 class PosterImages(torch.utils.data.Dataset):
-    """Posters with their cached detector features and labels; augmented when training.
+    """Posters with their cached side features (detectors, text; None where unused) and labels,
+    augmented when training. A poster that cannot be read any more is dropped from its batch."""
 
-    A poster that cannot be read any more is dropped from its batch (``collate_readable``).
-    """
-
-    def __init__(self, paths: list[str], detectors: np.ndarray | None, y: np.ndarray, backbone: Backbone, train: bool) -> None:
+    def __init__(self, paths: list[str], side: tuple[np.ndarray | None, ...], y: np.ndarray, backbone: Backbone,
+                 train: bool) -> None:
         from torchvision.transforms import v2
 
-        self.paths, self.detectors, self.y = paths, detectors, y
+        self.paths, self.side, self.y = paths, side, y
         self.prepare = backbone.prepare
         # Crops keep a poster's shape before the resize to the view, as at inference.
         self.augment = v2.Compose([
@@ -209,8 +224,8 @@ class PosterImages(torch.utils.data.Dataset):
         except (OSError, BadImage):
             return None
         image = self.prepare(rgb) if self.augment is None else self.augment(torch.tensor(rgb).permute(2, 0, 1))
-        det = torch.from_numpy(self.detectors[i]) if self.detectors is not None else torch.zeros(0)
-        return image, det, torch.from_numpy(self.y[i])
+        side = [torch.from_numpy(a[i]) if a is not None else torch.zeros(0) for a in self.side]
+        return image, *side, torch.from_numpy(self.y[i])
 
 
 def collate_readable(samples: list) -> tuple:
@@ -222,34 +237,38 @@ class FineTuneModel(torch.nn.Module):
         super().__init__()
         self.backbone, self.net, self.head = backbone, backbone.model, head
 
-    def forward(self, images: torch.Tensor, det: torch.Tensor | None) -> torch.Tensor:
-        return self.head(self.backbone.embed(images).float(), det)
+    def forward(self, images: torch.Tensor, det: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
+        return self.head(self.backbone.embed(images).float(), det, text)
 
 
-def _end_to_end(backbone: Backbone, paths, det, y, train_idx, val_idx, head: FusionHead, config: dict,
+def _end_to_end(backbone: Backbone, paths, det, text, y, train_idx, val_idx, head: FusionHead, config: dict,
                 device: torch.device, on_epoch) -> tuple[FitResult, None]:
     settings = config["finetune"]
     model = FineTuneModel(backbone, head)
     amp = settings["mixed_precision"] and device.type == "cuda"
+    side = (det, text)
 
     def loader(idx: np.ndarray, train: bool) -> torch.utils.data.DataLoader:
-        dataset = PosterImages([paths[i] for i in idx], det[idx] if det is not None else None, y[idx], backbone, train)
+        dataset = PosterImages([paths[i] for i in idx], tuple(None if a is None else a[idx] for a in side), y[idx],
+                               backbone, train)
         return torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], shuffle=train,
                                            num_workers=default_workers(device), collate_fn=collate_readable,
                                            drop_last=train, generator=torch.Generator().manual_seed(config["seed"]))
 
     train_loader, val_loader = loader(train_idx, True), loader(val_idx, False)
-    uses_det = det is not None
+
+    def inputs(images: torch.Tensor, *features: torch.Tensor) -> tuple:
+        return (images.to(device), *(f.to(device) if a is not None else None for f, a in zip(features, side)))
 
     def batches(epoch: int):
-        for images, d, target in train_loader:
-            yield (images.to(device), d.to(device) if uses_det else None), target.to(device)
+        for *batch, target in train_loader:
+            yield inputs(*batch), target.to(device)
 
     def validate() -> float:
         out, truth = [], []
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            for images, d, target in val_loader:
-                out.append(torch.sigmoid(model(images.to(device), d.to(device) if uses_det else None)).float().cpu().numpy())
+            for *batch, target in val_loader:
+                out.append(torch.sigmoid(model(*inputs(*batch))).float().cpu().numpy())
                 truth.append(target.numpy())
         return metrics.mean_average_precision(np.concatenate(truth), np.concatenate(out))
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-MODES = ("cnn", "detectors", "fusion")
+MODES = ("cnn", "detectors", "fusion", "text")
+"""Which branches a head uses: one alone (the ablations), or ``fusion``: every branch it has features for."""
 
 
 @dataclass
@@ -25,6 +26,8 @@ class HeadConfig:
     n_genres: int = 18
     cnn_hidden: int = 256
     detector_hidden: int = 64
+    text_dim: int = 0
+    text_hidden: int = 64
     hidden: int = 256
     dropout: float = 0.5
     input_dropout: float = 0.2
@@ -66,6 +69,7 @@ class FusionHead(nn.Module):
         self.config = config
         self.use_cnn = config.mode in ("cnn", "fusion")
         self.use_detectors = config.mode in ("detectors", "fusion") and config.detector_dim > 0
+        self.use_text = config.mode in ("text", "fusion") and config.text_dim > 0
         width = 0
         if self.use_cnn:
             self.cnn_norm = Standardizer(config.cnn_dim)
@@ -79,27 +83,40 @@ class FusionHead(nn.Module):
                 nn.Dropout(config.input_dropout), nn.Linear(config.detector_dim, config.detector_hidden), nn.GELU()
             )
             width += config.detector_hidden
+        if self.use_text:
+            self.text_norm = Standardizer(config.text_dim)
+            self.text_branch = nn.Sequential(
+                nn.Dropout(config.input_dropout), nn.Linear(config.text_dim, config.text_hidden), nn.GELU()
+            )
+            width += config.text_hidden
         self.classifier = nn.Sequential(
             nn.Dropout(config.dropout), nn.Linear(width, config.hidden), nn.GELU(),
             nn.Dropout(config.dropout), nn.Linear(config.hidden, config.n_genres),
         )
 
-    def fit_standardizers(self, cnn: np.ndarray | None, detectors: np.ndarray | None, log_mask: np.ndarray | None) -> None:
+    def fit_standardizers(self, cnn: np.ndarray | None, detectors: np.ndarray | None, log_mask: np.ndarray | None,
+                          text: np.ndarray | None = None, text_log_mask: np.ndarray | None = None) -> None:
         if self.use_cnn:
             self.cnn_norm.fit(cnn, np.zeros(cnn.shape[1], bool))
         if self.use_detectors:
             self.detector_norm.fit(detectors, log_mask)
+        if self.use_text:
+            self.text_norm.fit(text, text_log_mask)
 
-    def forward(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None,
+                text: torch.Tensor | None = None) -> torch.Tensor:
         parts = []
         if self.use_cnn:
             parts.append(self.cnn_branch(self.cnn_norm(cnn)))
         if self.use_detectors:
             parts.append(self.detector_branch(self.detector_norm(detectors)))
+        if self.use_text:
+            parts.append(self.text_branch(self.text_norm(text)))
         return self.classifier(torch.cat(parts, dim=1))
 
-    def probabilities(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None) -> torch.Tensor:
-        return torch.sigmoid(self(cnn, detectors))
+    def probabilities(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None,
+                      text: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self(cnn, detectors, text))
 
     def set_genre_prior(self, frequencies: np.ndarray) -> None:
         """Start the output biases at the genres' log-odds: early epochs need not learn the prior."""
@@ -116,8 +133,9 @@ class FusionEnsemble(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.config = heads[0].config
 
-    def probabilities(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None) -> torch.Tensor:
-        return torch.stack([head.probabilities(cnn, detectors) for head in self.heads]).mean(0)
+    def probabilities(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None,
+                      text: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack([head.probabilities(cnn, detectors, text) for head in self.heads]).mean(0)
 
 
 WEIGHTS_FILE = "model.safetensors"

@@ -33,6 +33,7 @@ def models_for(config: dict, device: str = "auto") -> FrozenModels:
         backbone=config["backbone"] if mode in ("cnn", "fusion") else None,
         device=device,
         backbone_view=config["backbone_view"],
+        text=config["text"] and mode in ("text", "fusion"),
     )
 
 
@@ -49,8 +50,7 @@ def label_matrix(manifest: Manifest, rows: np.ndarray, genres: list[str]) -> np.
 def split_rows(manifest: Manifest, rows: np.ndarray, y: np.ndarray, config: dict) -> tuple[np.ndarray, np.ndarray]:
     """Train/validation positions: the manifest's ``split`` column, else a seeded stratified split."""
     if "split" in manifest.table.columns:
-        split = manifest.table["split"].iloc[rows].fillna("").str.strip().str.lower().to_numpy()
-        train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+        train, val = split_positions(manifest, rows, "train"), split_positions(manifest, rows, "val")
         if len(train) == 0 or len(val) == 0:
             raise PosterFusionError(f"{manifest.source}: 'split' column needs both 'train' and 'val' rows")
         return train, val
@@ -61,6 +61,14 @@ def split_rows(manifest: Manifest, rows: np.ndarray, y: np.ndarray, config: dict
     return np.sort(train), np.sort(val)
 
 
+def split_positions(manifest: Manifest, rows: np.ndarray, name: str) -> np.ndarray:
+    """Positions (into ``rows``) of the manifest rows whose ``split`` is ``name``."""
+    if "split" not in manifest.table.columns:
+        raise PosterFusionError(f"{manifest.source}: no 'split' column; add one with 'fusion manifest split'")
+    split = manifest.table["split"].iloc[rows].fillna("").str.strip().str.lower().to_numpy()
+    return np.flatnonzero(split == name)
+
+
 def pos_weight(y: np.ndarray, config: dict) -> torch.Tensor:
     """(negatives/positives)^power per genre, capped: rare genres are not ignored by BCE."""
     power = {"none": 0.0, "sqrt": 0.5, "full": 1.0}[config["loss"]["pos_weight"]]
@@ -69,32 +77,36 @@ def pos_weight(y: np.ndarray, config: dict) -> torch.Tensor:
     return torch.as_tensor(np.minimum(weight, config["loss"]["max_pos_weight"]), dtype=torch.float32)
 
 
-def new_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, config: dict) -> FusionHead:
+def new_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, config: dict,
+             text: np.ndarray | None = None) -> FusionHead:
     """A head for these feature sets, its standardisers and output biases fitted on the training rows."""
     head = FusionHead(HeadConfig(
         mode=config["mode"],
         cnn_dim=cnn.shape[1] if cnn is not None else 0,
         detector_dim=det.shape[1] if det is not None else 0,
+        text_dim=text.shape[1] if text is not None else 0,
         n_genres=y.shape[1],
         **config["head"],
     ))
     log_mask = np.isin(schema.COLUMNS, schema.COUNT_COLUMNS) if det is not None else None
-    head.fit_standardizers(cnn[train] if cnn is not None else None, det[train] if det is not None else None, log_mask)
+    text_log_mask = np.isin(schema.TEXT_COLUMNS, schema.TEXT_COUNT_COLUMNS) if text is not None else None
+    head.fit_standardizers(_rows(cnn, train), _rows(det, train), log_mask, _rows(text, train), text_log_mask)
     head.set_genre_prior(y[train].mean(0))
     return head
 
 
 def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, val: np.ndarray,
-             config: dict, device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionHead, dict]:
+             config: dict, device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None,
+             text: np.ndarray | None = None) -> tuple[FusionHead, dict]:
     """Train one head with early stopping on validation mAP; returns the best head and history."""
     torch.manual_seed(config["seed"])
     generator = torch.Generator().manual_seed(config["seed"])
-    head = new_head(cnn, det, y, train, config).to(device)
+    head = new_head(cnn, det, y, train, config, text).to(device)
 
     def tensor(a: np.ndarray | None, idx: np.ndarray) -> torch.Tensor | None:
         return None if a is None else torch.as_tensor(a[idx], device=device)
 
-    x_train = (tensor(cnn, train), tensor(det, train))
+    x_train = (tensor(cnn, train), tensor(det, train), tensor(text, train))
     y_train = torch.as_tensor(y[train], device=device)
     opt = config["optim"]
 
@@ -105,7 +117,7 @@ def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, trai
             yield tuple(None if x is None else x[idx] for x in x_train), y_train[idx]
 
     def validate() -> float:
-        return metrics.mean_average_precision(y[val], predict_proba(head, _rows(cnn, val), _rows(det, val)))
+        return metrics.mean_average_precision(y[val], predict_proba(head, _rows(cnn, val), _rows(det, val), _rows(text, val)))
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"])
     result = fit(head, batches, validate, loss_function(y[train], config, device), optimizer,
@@ -121,30 +133,31 @@ def loss_function(y_train: np.ndarray, config: dict, device: torch.device) -> to
 
 @torch.inference_mode()
 def predict_proba(model: FusionHead | FusionEnsemble, cnn: np.ndarray | None, det: np.ndarray | None,
-                  batch: int = 4096) -> np.ndarray:
+                  text: np.ndarray | None = None, batch: int = 4096) -> np.ndarray:
     """Genre probabilities for feature rows, in batches (eval mode)."""
     model.eval()
-    n = len(cnn) if cnn is not None else len(det)
+    n = len(next(x for x in (cnn, det, text) if x is not None))
     device = next(model.parameters()).device
     out = []
     for s in range(0, n, batch):
-        parts = [None if x is None else torch.as_tensor(x[s : s + batch], device=device) for x in (cnn, det)]
+        parts = [None if x is None else torch.as_tensor(x[s : s + batch], device=device) for x in (cnn, det, text)]
         out.append(model.probabilities(*parts).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.n_genres), np.float32)
 
 
 def fit_and_validate(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray,
                      val_idx: np.ndarray, genres: list[str], config: dict, device: torch.device,
-                     on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[FusionEnsemble, dict, np.ndarray, dict]:
+                     on_epoch: Callable[[int, float, float], None] | None = None,
+                     text: np.ndarray | None = None) -> tuple[FusionEnsemble, dict, np.ndarray, dict]:
     """Fit ``optim.ensemble`` heads (seeds seed, seed+1, ...), tune per-genre thresholds on
     validation for their averaged probabilities, and score them there (what ablations compare)."""
     heads, fits = [], []
     for k in range(config["optim"]["ensemble"]):
-        head, fit = fit_head(cnn, det, y, train_idx, val_idx, config | {"seed": config["seed"] + k}, device, on_epoch)
+        head, fit = fit_head(cnn, det, y, train_idx, val_idx, config | {"seed": config["seed"] + k}, device, on_epoch, text)
         heads.append(head.cpu())
         fits.append(fit)
     model = FusionEnsemble(heads)
-    val_prob = predict_proba(model, _rows(cnn, val_idx), _rows(det, val_idx))
+    val_prob = predict_proba(model, _rows(cnn, val_idx), _rows(det, val_idx), _rows(text, val_idx))
     thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
     fit = {"best_epoch": [f["best_epoch"] for f in fits], "epochs_run": [f["epochs_run"] for f in fits]}
     return model, fit, thresholds, metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
@@ -200,7 +213,7 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         keep = ~np.isnan(cnn).any(1)  # posters unreadable since they were cached
         train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
     head, fit, thresholds, validation = fit_and_validate(
-        cnn, table.detectors, y, train_idx, val_idx, genres, config, torch_device, on_epoch
+        cnn, table.detectors, y, train_idx, val_idx, genres, config, torch_device, on_epoch, table.text
     )
     prior = metrics.mean_average_precision(y[val_idx], metrics.prior_scores(y[train_idx], len(val_idx)))
 
@@ -213,6 +226,7 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         "feature_schema": {"version": schema.SCHEMA_VERSION, "columns": schema.COLUMNS} if table.detectors is not None else None,
         "detectors": models.detectors.identity if models.detectors else None,
         "backbone": backbone_identity,
+        "text": models.text.identity if models.text else None,
         "validation": {k: validation[k] for k in ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")}
         | {"prior_map": prior, "n_posters": len(val_idx), "per_genre": validation["per_genre"]},
         "training": {
@@ -247,9 +261,10 @@ def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path
     if data.models.backbone is None:
         raise PosterFusionError("config: finetune needs a CNN branch (mode fusion or cnn)")
     table = data.table
-    start, _ = fit_head(table.cnn, table.detectors, data.y, data.train_idx, data.val_idx, config, device)
+    start, _ = fit_head(table.cnn, table.detectors, data.y, data.train_idx, data.val_idx, config, device, text=table.text)
     paths = [data.manifest.paths[i] for i in table.rows]
-    tuned = finetune(paths, table.detectors, data.y, data.train_idx, data.val_idx, start, config, device, out_dir, on_epoch)
+    tuned = finetune(paths, table.detectors, table.text, data.y, data.train_idx, data.val_idx, start, config, device,
+                     out_dir, on_epoch)
     models = FrozenModels(None, config["backbone"], str(device), backbone_weights=tuned.backbone_file,
                           backbone_view=config["backbone_view"])
     identity = models.backbone.identity

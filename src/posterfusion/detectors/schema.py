@@ -60,6 +60,18 @@ COLUMNS: list[str] = OBJECT_COLUMNS + PERSON_COLUMNS + FACE_COLUMNS + EXPRESSION
 COUNT_COLUMNS = [c for c in COLUMNS if c.endswith("_count") or c in ("objects_total", "object_classes")]
 """Heavy-tailed columns that a model should log-transform."""
 
+WORD_BUCKETS = 512
+"""Words read off a poster are counted into this many hashed buckets (the hashing trick): a fixed
+vocabulary-free vector; which words matter is learned by the model on its training split."""
+TEXT_COLUMNS = (
+    ["text_lines", "text_area", "text_read_lines", "text_chars", "text_words", "text_upper", "text_digits",
+     "text_score", "text_title_height", "text_title_width", "text_title_x", "text_title_y"]
+    + [f"text_word_{k:03d}" for k in range(WORD_BUCKETS)]
+)
+"""The text detector's features (a store of their own, see detectors/text.py): how much text and
+where the largest line is, then hashed word counts."""
+TEXT_COUNT_COLUMNS = ["text_lines", "text_read_lines", "text_chars", "text_words"] + TEXT_COLUMNS[12:]
+
 _N_CLASSES = len(COCO_CLASSES)
 _PERSON = COCO_CLASSES.index("person")
 _N_EXPR = len(EXPRESSIONS)
@@ -130,6 +142,39 @@ def image_features(rgb: np.ndarray) -> np.ndarray:
     stats = [luma.mean(), luma.std(), saturation.mean(), colorfulness, (luma < 0.2).mean(),
              (luma > 0.8).mean(), r.mean(), g.mean(), b.mean(), rgb.shape[0] / rgb.shape[1]]
     return np.concatenate([np.asarray(stats, np.float32), hist.astype(np.float32)])
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of two or more letters, in any script (a non-Latin title still counts)."""
+    import re
+
+    return re.findall(r"[^\W\d_]{2,}", text.lower())
+
+
+def text_features(lines: list, detected: int, area: float) -> np.ndarray:
+    """Text amount, the largest line's size and place, and hashed word counts for one poster.
+
+    ``lines`` are :class:`~posterfusion.detectors.text.Line` (text, score, box in fractions);
+    ``detected`` and ``area`` count every detected line, read or not.
+    """
+    import zlib
+
+    joined = " ".join(line.text for line in lines)
+    letters = [c for c in joined if c.isalpha()]
+    tokens = words(joined)
+    head = np.zeros(12, np.float32)
+    head[:3] = detected, area, len(lines)
+    if lines:
+        title = max(lines, key=lambda line: line.box[3] - line.box[1])
+        x1, y1, x2, y2 = title.box
+        head[3:] = [len(joined.replace(" ", "")), len(tokens),
+                    sum(c.isupper() for c in letters) / max(len(letters), 1),
+                    sum(c.isdigit() for c in joined) / max(len(joined), 1),
+                    float(np.mean([line.score for line in lines])), y2 - y1, x2 - x1, (x1 + x2) / 2, (y1 + y2) / 2]
+    counts = np.zeros(WORD_BUCKETS, np.float32)
+    for token in tokens:
+        counts[zlib.crc32(token.encode()) % WORD_BUCKETS] += 1.0
+    return np.concatenate([head, counts])
 
 
 def assemble(objects: np.ndarray, faces: np.ndarray, image: np.ndarray) -> np.ndarray:
