@@ -53,3 +53,14 @@ def tmpfs(folder: Path, options: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def assert_figure_has_content(path: Path, min_coloured: float = 0.001) -> None:
+    """``path`` is a PNG figure with something drawn in colour on it (curves, bars), not only an
+    empty frame: an empty or axes-only figure is black, white and grey."""
+    with Image.open(path) as image:
+        assert image.format == "PNG", image.format
+        assert image.width >= 300 and image.height >= 200, image.size
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    coloured = (rgb.max(axis=2) - rgb.min(axis=2) > 60).mean()
+    assert coloured >= min_coloured, f"{path}: only {coloured:.2%} of the figure is drawn in colour"

@@ -116,5 +116,6 @@ def test_unwritable_outputs_are_refused_before_the_work(tmp_path: Path, read_onl
         assert str(caught.value).startswith(f"--plot {path}: ")
     with pytest.raises(PosterFusionError, match="is a file, not a folder"):
         check_writable_folder(a_file, "--out")
-    check_writable(tmp_path / "new" / "deeper" / "pr.png", "--plot")  # missing folders are made
-    assert (tmp_path / "new" / "deeper").is_dir() and not list((tmp_path / "new" / "deeper").iterdir())
+    check_writable(tmp_path / "new" / "deeper" / "pr.png", "--plot")  # folders the write will make
+    check_writable(None, "--plot")  # not asked for
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "read-only"]  # nothing left behind

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
+from helpers import assert_figure_has_content
 from typer.testing import CliRunner
 
 from posterfusion.errors import PosterFusionError
@@ -645,7 +646,7 @@ def test_cli_split_then_stats_with_chart(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "label cardinality" in result.output and "Film-Noir" in result.output
     assert "Co-occurrence" in result.output and "val" in result.output
-    assert chart.read_bytes()[:4] == b"\x89PNG"
+    assert_figure_has_content(chart)
 
 
 # --- real posters ------------------------------------------------------------------------------

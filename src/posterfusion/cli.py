@@ -126,10 +126,12 @@ def train_command(
 ) -> None:
     """Train the fusion head on cached features and save the model with its card."""
     from .config import load_config
+    from .files import check_writable_folder
     from .train import train
 
     overrides = {k: v for k, v in (("mode", mode), ("seed", seed)) if v is not None}
     settings = load_config(config, overrides)
+    check_writable_folder(out, "--out")
     console = _console()
 
     def on_epoch(epoch: int, loss: float, val_map: float) -> None:
@@ -156,6 +158,7 @@ def predict_command(
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV for programs."),
     samples: bool = typer.Option(False, "--samples", help="Predict the sample images shipped with installed packages."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
 ) -> None:
     """Predict genres for posters, with probabilities and what the detectors saw."""
@@ -170,7 +173,7 @@ def predict_command(
             paths.append(str(p))
     if not paths:
         raise PosterFusionError("no posters given; name poster files or folders, or use --samples")
-    predictor = Predictor(model, device)
+    predictor = Predictor(model, device, objects)
     predictions = predictor.predict(paths, cache, batch_size)
     if as_json:
         for p in predictions:
@@ -210,13 +213,17 @@ def evaluate_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a precision-recall PNG here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
 ) -> None:
     """Measure a model on labelled posters: mAP, F1s, top-n accuracy, per-genre table."""
     from .evaluate import evaluate_manifest
+    from .files import check_writable, write_text_atomic
     from .metrics import format_table
     from .predict import Predictor
 
-    predictor = Predictor(model, device)
+    check_writable(json_out, "--json")
+    check_writable(plot, "--plot")
+    predictor = Predictor(model, device, objects)
     with _RichProgress(None, "features") as progress:
         result = evaluate_manifest(manifest, predictor, cache, split, plot, progress)
     typer.echo(format_table(result))
@@ -225,8 +232,7 @@ def evaluate_command(
     if result["unreadable_posters"]:
         typer.echo(f"{len(result['unreadable_posters'])} posters could not be read and were left out")
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
     prior = f" (genre prior {result['prior_map']:.3f})" if "prior_map" in result else ""
     typer.echo(f"evaluated {result['n_posters']} posters: mAP {result['map']:.3f}{prior}, micro-F1 {result['micro_f1']:.3f}, "
                f"macro-F1 {result['macro_f1']:.3f}, top-n {result['top_n_accuracy']:.3f}")

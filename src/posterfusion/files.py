@@ -97,18 +97,23 @@ def is_disk_full(exc: BaseException) -> bool:
     )
 
 
-def check_writable(path: Path, option: str) -> None:
-    """Raise a one-line error now if ``path`` cannot be written later: its folder cannot be made,
-    is not writable, or ``path`` is a folder. Creates the missing folders, as the write would.
+def check_writable(path: Path | None, option: str) -> None:
+    """Raise a one-line error now if ``path`` cannot be written later: it is a folder, or the
+    folder it would go in cannot be made or written to. None (an output not asked for) passes.
 
-    The test is a real write of a temporary file, because permission bits do not tell (root
-    ignores them; a read-only mount does not show in them).
+    The test is a real write of a temporary file into the nearest folder that exists (permission
+    bits do not tell: root ignores them, and a read-only mount does not show in them); nothing is
+    created for good, so a mistyped path leaves no folders behind.
     """
+    if path is None:
+        return
     if path.is_dir():
         raise PosterFusionError(f"{option} {path}: is a folder; give a file name")
+    existing = next(folder for folder in (path.absolute().parent, *path.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise PosterFusionError(f"{option} {path}: cannot write there ({existing} is a file, not a folder)")
+    probe = temp_name(existing / path.name)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = temp_name(path)
         probe.touch()
         probe.unlink()
     except OSError as exc:

@@ -69,8 +69,11 @@ def import_(
     from posterfusion.importers import (
         CleanupOptions, import_manifest, parse_merge, parse_title_types,
     )
+    from posterfusion.files import check_writable
     from posterfusion.manifest_tools import write_manifest
 
+    check_writable(out, "--out")
+    check_writable(report, "--report")
     options = CleanupOptions(
         min_year=min_year, max_year=max_year, title_types=parse_title_types(title_types),
         merge=parse_merge(merge or []), drop_below=drop_below, other_below=other_below,
@@ -140,10 +143,12 @@ def split(
     force: Annotated[bool, typer.Option(help="Replace an existing split column.")] = False,
 ) -> None:
     """Add a split column (train/val/test) that keeps each genre's share in every split."""
+    from posterfusion.files import check_writable
     from posterfusion.manifest_tools import (
         manifest_stats, read_manifest, rebase_posters, split_manifest, write_manifest,
     )
 
+    check_writable(out or manifest, "--out" if out else "manifest")
     frame = split_manifest(read_manifest(manifest), val, test, seed, force=force)
     target = out or manifest
     if out is not None:
@@ -172,8 +177,10 @@ def stats(
     pairs: Annotated[int, typer.Option(help="How many co-occurring genre pairs to list.")] = 10,
 ) -> None:
     """Print genre counts, genres per poster and the genres that most often go together."""
+    from posterfusion.files import check_writable
     from posterfusion.manifest_tools import manifest_stats, plot_genre_counts, read_manifest
 
+    check_writable(plot, "--plot")
     result = manifest_stats(read_manifest(manifest))
     console.print(
         f"[bold]{_plural(result.posters, 'poster')}[/], {_plural(len(result.counts), 'genre')}; "

@@ -16,9 +16,9 @@ from .detectors.base import COCO_CLASSES, EXPRESSIONS
 from .errors import PosterFusionError
 from .extract import FrozenModels, Progress
 from .features import gather
-from .model import load_model
+from .model import CARD_FILE, load_model
 from .train import predict_proba
-from .weights import weights_dir
+from .weights import objects_from_card, weights_dir
 
 DEFAULT_MODEL = "default_model"
 
@@ -50,13 +50,15 @@ class Prediction:
 class Predictor:
     """A trained model with the frozen models it needs, loaded once, used for many posters."""
 
-    def __init__(self, model_dir: str | Path | None = None, device: str = "auto") -> None:
+    def __init__(self, model_dir: str | Path | None = None, device: str = "auto", objects: str | None = None) -> None:
+        """``objects``: the user's object detector, needed where the card names a file (see
+        :func:`~posterfusion.weights.objects_from_card`)."""
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.head, self.card = load_model(self.model_dir)
         config = self.card["config"]
         weights_file = (self.card.get("backbone") or {}).get("weights_file")  # a fine-tuned backbone
         self.models = FrozenModels(
-            objects=config["objects"] if self.card.get("detectors") else None,
+            objects=objects_from_card(config["objects"], objects, self.model_dir / CARD_FILE) if self.card.get("detectors") else None,
             backbone=config["backbone"] if self.card.get("backbone") else None,
             device=device,
             backbone_weights=self.model_dir / weights_file if weights_file else None,

@@ -56,3 +56,23 @@ def checked_sha256(path: Path) -> str:
         if expected != sha:
             raise PosterFusionError(f"{path}: sha256 {sha[:12]} does not match {companion.name} ({expected[:12] or 'empty'})")
     return sha
+
+
+def objects_from_card(card_objects: str | None, given: str | None, card: Path) -> str | None:
+    """The object detector to run for a model: the user's ``--objects`` if given, else the card's,
+    unless the card names a file to load (``yolo:PATH``).
+
+    A model folder may come from anyone, and ultralytics loads a ``.pt`` file by unpickling it,
+    which runs whatever code the file holds; so a file named only by a card is refused, and used
+    when the user names it on the command line. Either way the detector's weights must have the
+    sha256 the model was trained on (``predict.check_compatible``).
+    """
+    if given is not None:
+        return given
+    if card_objects and card_objects.startswith("yolo:"):
+        raise PosterFusionError(
+            f"{card}: names the object detector file {card_objects[len('yolo:'):]}, which is not loaded because "
+            f"a model folder says so (loading a .pt file can run code in it); if you trust that file, pass "
+            f"--objects {card_objects}"
+        )
+    return card_objects

@@ -372,7 +372,7 @@ class Mtcnn:
         folder = weights_folder()
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         for net, name in ((self.pnet, "pnet.pt"), (self.rnet, "rnet.pt"), (self.onet, "onet.pt")):
-            net.load_state_dict(torch.load(folder / name, map_location="cpu"))
+            net.load_state_dict(torch.load(folder / name, map_location="cpu", weights_only=True))
             net.eval().requires_grad_(False)
         self.min_face_size = min_face_size
         self.thresholds = [0.6, 0.7, 0.7]
