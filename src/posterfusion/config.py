@@ -54,6 +54,7 @@ RANGES: dict[str, Range] = {
     "head.cnn_hidden": AT_LEAST_ONE,
     "head.detector_hidden": AT_LEAST_ONE,
     "head.hidden": AT_LEAST_ONE,
+    "head.text_hidden": AT_LEAST_ONE,
     "head.dropout": FRACTION,
     "head.input_dropout": FRACTION,
     "loss.max_pos_weight": POSITIVE,
