@@ -131,3 +131,10 @@ def test_compaction_waits_its_turn_and_never_touches_a_read_only_store(
     single.append(["k"], ["p"], np.zeros((1, 2)))
     single.compact()  # too few parts: not even the lock file is made
     assert not (single.folder / cache_module.LOCK_FILE).exists()
+
+
+def test_a_cache_that_cannot_be_created_is_a_one_line_error(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(PosterFusionError, match=f"^{a_file}/cache: cannot create a cache store there"):
+        _store(a_file / "cache")

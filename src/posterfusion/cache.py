@@ -68,10 +68,14 @@ class FeatureStore:
             if stored.get("identity") != identity or stored.get("columns") != columns:
                 raise PosterFusionError(f"{meta}: identity does not match its folder name; remove that folder")
         else:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(meta, json.dumps(
-                {"kind": kind, "identity": identity, "columns": columns, "created": time.time()}, indent=2
-            ))
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(meta, json.dumps(
+                    {"kind": kind, "identity": identity, "columns": columns, "created": time.time()}, indent=2
+                ))
+            except OSError as exc:
+                error = DiskFull if is_disk_full(exc) else PosterFusionError  # exit 1 or 2
+                raise error(f"{root}: cannot create a cache store there ({exc.strerror or exc})") from None
         remove_stale_temps(folder)  # left by a killed writer; other live writers' stay
         return cls(folder, kind, identity, columns)
 
