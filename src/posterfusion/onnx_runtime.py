@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import PosterFusionError
-from .files import atomic_path
+from .files import atomic_path, remove_stale_temps
 
 CHECK_TOLERANCE = 1e-3
 """Largest |onnxruntime - PyTorch| accepted on the check input (relative to the output's scale)."""
@@ -83,6 +83,7 @@ def _session(path: Path, threads: int | None = None):
 
 def _export(module: torch.nn.Module, example: torch.Tensor, output_names: Sequence[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)  # exports of killed processes (other processes' stay)
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
