@@ -119,3 +119,17 @@ def test_unwritable_outputs_are_refused_before_the_work(tmp_path: Path, read_onl
     check_writable(tmp_path / "new" / "deeper" / "pr.png", "--plot")  # folders the write will make
     check_writable(None, "--plot")  # not asked for
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "read-only"]  # nothing left behind
+
+
+def test_onnx_exports_clean_up_after_killed_exporters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from posterfusion import onnx_runtime
+
+    monkeypatch.setenv("POSTERFUSION_ONNX_CACHE", str(tmp_path))
+    dead = tmp_path / f".old.onnx.{_dead_pid()}-0123abcd.tmp"
+    dead.write_bytes(b"half an export")
+    live = temp_name(tmp_path / "other.onnx")  # another process exporting right now
+    live.write_bytes(b"in flight")
+    assert onnx_runtime.load(torch.nn.Linear(3, 2), "linear", "sha", (1, 3)) is not None
+    assert not dead.exists() and live.exists()
