@@ -24,18 +24,17 @@ from .model import MODES
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a number; ``open_low``/``open_high`` exclude the bound itself."""
+    """Bounds of a number (``high`` None: none above); ``open_low``/``open_high`` exclude the bound."""
 
-    low: float | None = None
+    low: float
     high: float | None = None
     open_low: bool = False
     open_high: bool = False
 
     def __contains__(self, value: float) -> bool:
-        return not (
-            (self.low is not None and (value < self.low or (self.open_low and value == self.low)))
-            or (self.high is not None and (value > self.high or (self.open_high and value == self.high)))
-        )
+        above_low = value > self.low or (value == self.low and not self.open_low)
+        below_high = self.high is None or value < self.high or (value == self.high and not self.open_high)
+        return above_low and below_high
 
     def __str__(self) -> str:
         if self.high is None:
