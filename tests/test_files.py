@@ -33,6 +33,9 @@ def test_atomic_path_replaces_the_file_only_when_the_block_succeeds(tmp_path: Pa
         tmp.write_text("new")
     assert target.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    with atomic_path(tmp_path / "new" / "folder" / "out.txt") as tmp:  # folders made as needed
+        tmp.write_text("deep")
+    assert (tmp_path / "new" / "folder" / "out.txt").read_text() == "deep"
 
 
 def _dead_pid() -> int:

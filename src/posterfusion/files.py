@@ -42,8 +42,10 @@ def temp_name(final: Path) -> Path:
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """A temporary path to write ``final``'s content to; on leaving the block without an error the
     file is fsynced and renamed over ``final``. On any error (a full disk included) the temporary
-    file is removed and the error goes on, so nothing half-written is ever left behind."""
+    file is removed and the error goes on, so nothing half-written is ever left behind. Missing
+    folders above ``final`` are made."""
     final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     try:
         yield tmp

@@ -52,7 +52,6 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 def write_manifest(frame: pd.DataFrame, path: Path) -> None:
     """Write through a temporary file, so a failed write never leaves half a manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8", newline="") as stream:
         frame.to_csv(stream, index=False)
 
