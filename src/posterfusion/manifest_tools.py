@@ -170,8 +170,8 @@ def plot_genre_counts(stats: ManifestStats, path: Path) -> None:
     axes.set_title(f"{stats.posters} posters, {stats.cardinality:.2f} genres per poster")
     figure.tight_layout()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
     except (OSError, ValueError) as error:
         raise PosterFusionError(f"cannot write the chart to {path}: {error}") from None
     finally:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from os import PathLike
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
+
+from .files import atomic_path
 
 # Tuned thresholds are clipped to this range: an optimum at an extreme score is set by one or
 # two validation posters and does not carry over to the test split.
@@ -279,6 +280,5 @@ def plot_precision_recall(
     ax.set_title("Precision-recall per genre")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
