@@ -99,6 +99,8 @@ def test_text_store_through_the_build(tmp_path: Path, real_manifest: Path) -> No
     rows = dict(zip(keys, values))
     assert rows[summary.keys[0]][schema.TEXT_COLUMNS.index("text_read_lines")] >= 1
     assert not rows[summary.keys[1]].any()
+    read = stores["text"].notes(keys)  # the lines read, kept for predict's evidence
+    assert "carmencita" in read[summary.keys[0]].lower() and read[summary.keys[1]] == ""
     again = build_cache(paths, open_stores(models, tmp_path / "cache"), models, batch_size=4, workers=0)
     assert again.done == 0 and again.cached == 2
 

@@ -102,11 +102,13 @@ class FeatureStore:
                 tables = [pq.read_table(p, columns=columns) for p in parts]
             except FileNotFoundError:
                 continue
-            return parts, (pa.concat_tables(tables) if tables else None)
+            # promote: parts written before a store gained its optional ``note`` column lack it
+            return parts, (pa.concat_tables(tables, promote_options="default") if tables else None)
         raise PosterFusionError(f"{self.folder}: parts kept vanishing while reading; is a cleanup deleting them?")
 
-    def append(self, keys: list[str], paths: list[str], values: np.ndarray) -> None:
-        """Write one batch atomically as a new part."""
+    def append(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None) -> None:
+        """Write one batch atomically as a new part; ``notes`` is a string per row to keep beside
+        the values (the text detector's lines read, shown as evidence)."""
         if not keys:
             return
         import pyarrow as pa
@@ -119,6 +121,8 @@ class FeatureStore:
             arrays.update({name: pa.array(values[:, i]) for i, name in enumerate(self.columns)})
         else:
             arrays["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), len(self.columns))
+        if notes is not None:
+            arrays["note"] = pa.array(notes, pa.string())
         self._write_part(pa.table(arrays), uuid.uuid4().hex[:8])
 
     def _write_part(self, table, tag: str) -> None:
@@ -141,6 +145,15 @@ class FeatureStore:
         index = {key: row for row, key in enumerate(stored_keys)}  # the last copy wins
         wanted = list(index) if keys is None else [k for k in keys if k in index]
         return wanted, matrix[[index[k] for k in wanted]]
+
+    def notes(self, keys: list[str]) -> dict[str, str]:
+        """The notes stored with these keys (where a row has one)."""
+        _, table = self._read_parts()
+        if table is None or "note" not in table.column_names:
+            return {}
+        wanted = set(keys)
+        found = zip(table.column("key").to_pylist(), table.column("note").to_pylist())
+        return {key: note for key, note in found if key in wanted and note is not None}
 
     def compact(self, force: bool = False) -> None:
         """Merge the parts into one holding each key once (``COMPACT_AFTER`` parts or more, or any

@@ -194,11 +194,13 @@ def predict_command(
                 continue
             top = ", ".join(f"{g} {prob:.2f}" for g, prob in p.top(top_k))
             typer.echo(f"{p.path}: {' | '.join(p.genres)}   [{top}]")
-            if p.evidence:
+            if "objects" in p.evidence:
                 objs = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(p.evidence["objects"].items())[:6]) or "no objects"
                 faces = p.evidence["faces"]
                 expr = f" ({p.evidence['expression']})" if faces else ""
                 typer.echo(f"    saw: {objs}; {faces} face{'s' if faces != 1 else ''}{expr}")
+            if "read" in p.evidence:
+                typer.echo(f"    read: {p.evidence['read'] or '(no text)'}")
     failed = sum(1 for p in predictions if p.error)
     typer.echo(f"{len(predictions) - failed} posters predicted, {failed} skipped (model: {predictor.model_dir})", err=True)
 

@@ -422,7 +422,8 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
                 with timed(models.timings, "write"):  # only the wait for the previous batch's write
                     writer.submit(_append, detector_store, result.detector_items, result.features)
                     writer.submit(_append, backbone_store, result.backbone_items, result.embeddings)
-                    writer.submit(_append, text_store, result.text_items, result.text_features)
+                    writer.submit(_append, text_store, result.text_items, result.text_features,
+                                  [" / ".join(line.text for line in lines) for lines in result.text_lines])
                 summary.done += done
                 if progress:
                     progress.advance(size)
@@ -435,9 +436,9 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
     return summary
 
 
-def _append(store: "Store | None", items: list[Item], values: np.ndarray | None) -> None:
+def _append(store: "Store | None", items: list[Item], values: np.ndarray | None, notes: list[str] | None = None) -> None:
     if store is not None and values is not None:
-        store.append([i.key for i in items], [i.path for i in items], values)
+        store.append([i.key for i in items], [i.path for i in items], values, notes)
 
 
 class _Writer:
@@ -476,8 +477,9 @@ class Store(Protocol):
     columns: list[str]
 
     def keys(self) -> set[str]: ...
-    def append(self, keys: list[str], paths: list[str], values: np.ndarray) -> None: ...
+    def append(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None) -> None: ...
     def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]: ...
+    def notes(self, keys: list[str]) -> dict[str, str]: ...
     def compact(self) -> None: ...
 
 
@@ -505,12 +507,18 @@ class MemoryStore:
     identity: dict
     columns: list[str]
     rows: dict[str, np.ndarray] = field(default_factory=dict)
+    notes_by_key: dict[str, str] = field(default_factory=dict)
 
     def keys(self) -> set[str]:
         return set(self.rows)
 
-    def append(self, keys: list[str], paths: list[str], values: np.ndarray) -> None:
+    def append(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None) -> None:
         self.rows.update(zip(keys, np.asarray(values, np.float32)))
+        if notes is not None:
+            self.notes_by_key.update(zip(keys, notes))
+
+    def notes(self, keys: list[str]) -> dict[str, str]:
+        return {k: self.notes_by_key[k] for k in keys if k in self.notes_by_key}
 
     def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
         wanted = list(self.rows) if keys is None else [k for k in keys if k in self.rows]

@@ -24,6 +24,7 @@ class FeatureTable:
     detectors: np.ndarray | None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), in input order
     text: np.ndarray | None = None  # the text detector's features, where it ran
+    text_read: list[str] | None = None  # and the lines it read, " / "-joined
 
     def errors(self) -> dict[int, str]:
         """Reason per input index for the posters that could not be read."""
@@ -45,4 +46,6 @@ def gather(paths: list[str], models: FrozenModels, cache_dir: str | Path | None 
         stored_keys, matrix = store.read(unique)
         position = {k: i for i, k in enumerate(stored_keys)}
         arrays[kind] = matrix[[position[k] for k in keys]]
-    return FeatureTable(rows, keys, arrays["backbone"], arrays["detectors"], summary.failures, arrays["text"])
+    read = stores["text"].notes(unique) if "text" in stores else {}
+    return FeatureTable(rows, keys, arrays["backbone"], arrays["detectors"], summary.failures, arrays["text"],
+                        [read.get(k, "") for k in keys] if "text" in stores else None)

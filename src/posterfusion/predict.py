@@ -63,6 +63,7 @@ class Predictor:
             device=device,
             backbone_weights=self.model_dir / weights_file if weights_file else None,
             backbone_view=config.get("backbone_view"),
+            text=bool(self.card.get("text")),
         )
         check_compatible(self.card, self.models, self.model_dir)
         self.genres: list[str] = self.card["genres"]
@@ -72,7 +73,7 @@ class Predictor:
                 progress: Progress | None = None) -> list[Prediction]:
         """One :class:`Prediction` per path, in order; unreadable posters carry their error."""
         table = gather(paths, self.models, cache_dir, batch_size, progress=progress)
-        probs = predict_proba(self.head, table.cnn, table.detectors) if len(table.rows) else np.zeros((0, len(self.genres)))
+        probs = predict_proba(self.head, table.cnn, table.detectors, table.text) if len(table.rows) else np.zeros((0, len(self.genres)))
         out = [Prediction(p) for p in paths]
         for index, reason in table.errors().items():
             out[index].error = reason
@@ -84,6 +85,8 @@ class Predictor:
             pred.genres = sorted(chosen, key=lambda g: -pred.probabilities[g]) or [self.genres[int(probs[r].argmax())]]
             if table.detectors is not None:
                 pred.evidence = evidence_from_features(table.detectors[r])
+            if table.text_read is not None:
+                pred.evidence["read"] = table.text_read[r]
         return out
 
 
@@ -100,6 +103,11 @@ def check_compatible(card: dict, models: FrozenModels, where: Path) -> None:
             f"{where}: model was trained on backbone {card['backbone'].get('name')} "
             f"({card['backbone'].get('weights_sha256', '')[:12]}), not {models.backbone.identity['name']} "
             f"({models.backbone.identity['weights_sha256'][:12]}); retrain with 'fusion train'"
+        )
+    if card.get("text") and card["text"] != models.text.identity:
+        raise PosterFusionError(
+            f"{where}: model was trained on text read by {card['text'].get('name')} with other settings than "
+            f"this installation's ({models.text.identity.get('package')}); retrain with 'fusion train'"
         )
     if card.get("feature_schema") and card["feature_schema"]["version"] != schema.SCHEMA_VERSION:
         raise PosterFusionError(
