@@ -286,6 +286,10 @@ def describe_cache(root: str | Path) -> dict:
 
 def _summary(store: FeatureStore) -> str:
     if store.kind == "backbone":
-        return f"{store.identity.get('name')} ({len(store.columns)}-d)"
+        view = store.identity.get("input_size")
+        view = f"{view[0]}x{view[1]}{'+flip' if store.identity.get('flip') else ''}" if isinstance(view, list) else f"{view}x{view}"
+        return f"{store.identity.get('name')} {view} ({len(store.columns)}-d)"
+    if store.kind == "text":
+        return f"{store.identity.get('name')} text, {len(store.columns)} columns"
     objects = store.identity.get("objects", {}).get("name", "?")
     return f"{objects} + mtcnn + expressions, {len(store.columns)} columns"

@@ -79,6 +79,7 @@ def build(
     objects: str = typer.Option("nanodet", "--objects", help="Object detector: nanodet, or yolo:PATH to a local .pt/.onnx."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="CNN whose embeddings are cached too, or 'none'."),
     view: str = typer.Option("224x320+flip", "--view", help="The CNN's input: WIDTHxHEIGHT, +flip to average in the mirror image."),
+    text: bool = typer.Option(False, "--text", help="Also read text off the posters (OCR; ~3x the build's cost)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding workers (default: spare cores)."),
 ) -> None:
     """Build (or complete) the feature cache for a manifest or a folder of posters."""
@@ -86,7 +87,7 @@ def build(
     from .manifest import load_manifest
 
     manifest = load_manifest(source).head(limit)
-    models = FrozenModels(objects, None if backbone == "none" else backbone, device, backbone_view=view)
+    models = FrozenModels(objects, None if backbone == "none" else backbone, device, backbone_view=view, text=text)
     with _RichProgress(len(manifest), "detect-cache") as progress:
         summary = build_cache(manifest.paths, open_stores(models, cache), models, batch_size, workers, progress)
     typer.echo(

@@ -25,7 +25,7 @@ import torch
 from . import metrics
 from .backbone import Backbone, create_backbone, split_at_last_block
 from .extract import PosterDataset, default_workers, iterate
-from .images import BadImage, decode_bytes
+from .images import BadImage, decode_bytes, read_poster_bytes
 from .loop import FitResult, Schedule, fit
 from .model import FusionHead
 
@@ -220,8 +220,8 @@ class PosterImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            rgb = decode_bytes(Path(self.paths[i]).read_bytes())
-        except (OSError, BadImage):
+            rgb = decode_bytes(read_poster_bytes(self.paths[i]))
+        except BadImage:
             return None
         image = self.prepare(rgb) if self.augment is None else self.augment(torch.tensor(rgb).permute(2, 0, 1))
         side = [torch.from_numpy(a[i]) if a is not None else torch.zeros(0) for a in self.side]
