@@ -18,6 +18,7 @@ finds a listed part gone lists the parts again and starts over.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -37,6 +38,7 @@ IDENTITY_FILE = "_identity.json"  # "_" prefix: pyarrow skips it when reading th
 LOCK_FILE = "_compact.lock"
 COMPACT_AFTER = 32  # parts; a 10,000-poster build would otherwise leave ~300 small files
 READ_ATTEMPTS = 20  # a reader starts over when compaction removed a part it had listed
+ROW_GROUP_ROWS = 1024  # a compacted part is read a row group at a time by :class:`StoreLookup`
 
 
 def identity_digest(identity: dict) -> str:
@@ -129,7 +131,7 @@ class FeatureStore:
         import pyarrow.parquet as pq
 
         with atomic_path(self.folder / f"part-{time.time_ns():020d}-{tag}.parquet") as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
 
     def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
         """All rows (or those of ``keys``, in that order, missing ones left out), deduplicated."""
@@ -137,14 +139,17 @@ class FeatureStore:
         if table is None:
             return [], np.zeros((0, len(self.columns)), np.float32)
         stored_keys = table.column("key").to_pylist()
-        if self.wide:
-            matrix = np.column_stack([table.column(c).to_numpy() for c in self.columns]).astype(np.float32)
-        else:
-            flat = table.column("embedding").combine_chunks().flatten().to_numpy()
-            matrix = flat.reshape(len(stored_keys), len(self.columns)).astype(np.float32, copy=False)
+        matrix = self.values(table)
         index = {key: row for row, key in enumerate(stored_keys)}  # the last copy wins
         wanted = list(index) if keys is None else [k for k in keys if k in index]
         return wanted, matrix[[index[k] for k in wanted]]
+
+    def values(self, table) -> np.ndarray:
+        """A pyarrow table of this store's rows as a float32 matrix (one row per table row)."""
+        if self.wide:
+            return np.column_stack([table.column(c).to_numpy() for c in self.columns]).astype(np.float32)
+        flat = table.column("embedding").combine_chunks().flatten().to_numpy()
+        return flat.reshape(table.num_rows, len(self.columns)).astype(np.float32, copy=False)
 
     def notes(self, keys: list[str]) -> dict[str, str]:
         """The notes stored with these keys (where a row has one)."""
@@ -196,6 +201,71 @@ class FeatureStore:
 
     def row_count(self) -> int:
         return len(self.keys())
+
+
+class StoreLookup:
+    """Rows of a store fetched by key a row group at a time, so that memory follows the batch
+    asked for, not the store (``fusion predict --cache`` over a catalogue).
+
+    The keys are indexed once (part, row group, row; the last copy of a key wins, as in
+    :meth:`FeatureStore.read`); the last few row groups read stay decoded, since posters cached
+    together are usually asked for together. Another process's compaction may remove an indexed
+    part: the index is then made again, as it is for a key stored after it was made.
+    """
+
+    KEEP_GROUPS = 2
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self.groups: collections.OrderedDict = collections.OrderedDict()
+        self._index()
+
+    def _index(self) -> None:
+        import pyarrow.parquet as pq
+
+        for _ in range(READ_ATTEMPTS):
+            where: dict[str, tuple[Path, int, int]] = {}
+            try:
+                for part in self.store.parts():
+                    meta = pq.ParquetFile(part)
+                    for group in range(meta.num_row_groups):
+                        keys = meta.read_row_group(group, columns=["key"]).column("key").to_pylist()
+                        where.update((key, (part, group, row)) for row, key in enumerate(keys))
+            except FileNotFoundError:
+                continue
+            self.where = where
+            self.groups.clear()
+            return
+        raise PosterFusionError(f"{self.store.folder}: parts kept vanishing while reading; is a cleanup deleting them?")
+
+    def rows(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
+        """The values of ``keys`` (at least one, each stored), in that order, and their notes ("" where none)."""
+        for attempt in range(2):
+            if attempt or any(key not in self.where for key in keys):
+                self._index()
+            try:
+                chunks = [self._group(*self.where[key][:2]) for key in keys]
+            except (FileNotFoundError, KeyError):
+                continue
+            import pyarrow as pa
+
+            # promote: parts written before a store gained its optional ``note`` column lack it
+            table = pa.concat_tables([chunk.slice(self.where[key][2], 1) for chunk, key in zip(chunks, keys)],
+                                     promote_options="default")
+            notes = table.column("note").to_pylist() if "note" in table.column_names else [None] * len(keys)
+            return self.store.values(table), [note or "" for note in notes]
+        missing = [key for key in keys if key not in self.where]
+        raise PosterFusionError(f"{self.store.folder}: {len(missing)} posters' rows vanished from the cache while reading")
+
+    def _group(self, part: Path, group: int):
+        import pyarrow.parquet as pq
+
+        if (part, group) not in self.groups:
+            self.groups[(part, group)] = pq.ParquetFile(part).read_row_group(group)
+            while len(self.groups) > self.KEEP_GROUPS:
+                self.groups.popitem(last=False)
+        self.groups.move_to_end((part, group))
+        return self.groups[(part, group)]
 
 
 @contextlib.contextmanager

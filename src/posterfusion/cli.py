@@ -6,9 +6,11 @@ User mistakes arrive as :class:`PosterFusionError` and leave as one line on stde
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -148,62 +150,100 @@ def train_command(
     )
 
 
+class _PredictReport:
+    """``fusion predict``'s stderr: the progress bar where there is one, and each unreadable
+    poster's one-line report, printed above the bar so neither garbles the other."""
+
+    def __init__(self, bar: _RichProgress | None) -> None:
+        self.bar = bar
+        self.failed = 0
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(n)
+
+    def failure(self, path: str, reason: str) -> None:
+        self.failed += 1
+        if self.bar is not None:
+            self.bar.bar.console.print(f"{path}: skipped: {reason}", highlight=False, markup=False, soft_wrap=True)
+        else:
+            typer.echo(f"{path}: skipped: {reason}", err=True)
+
+
 @fusion_app.command("predict")
 @user_errors
 def predict_command(
     posters: Optional[list[Path]] = typer.Argument(None, help="Poster files and/or folders of posters."),
+    manifest: Optional[str] = typer.Option(None, "--manifest", help="More posters: a manifest CSV, a text file of paths one per line, or - for standard input."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Read/extend this feature cache instead of computing in memory."),
     top_k: int = typer.Option(3, "--top-k", min=1, help="Probabilities shown per poster."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines for programs."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV for programs."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write results to this .csv, .jsonl or .parquet file as they come; a rerun skips the posters already in it."),
+    show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar on stderr (default: when stderr is a terminal)."),
     samples: bool = typer.Option(False, "--samples", help="Predict the sample images shipped with installed packages."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
 ) -> None:
-    """Predict genres for posters, with probabilities and what the detectors saw."""
-    from .images import IMAGE_SUFFIXES
+    """Predict genres for posters, with probabilities and what the detectors saw.
+
+    Results are printed (or written to --out) batch by batch as the models finish them.
+    """
+    import itertools
+    import sys
+
+    from .files import check_writable
+    from .manifest import poster_list, walk_images
+    from .outputs import Printed, check_format, open_results
     from .predict import Predictor, sample_images
 
-    paths: list[str] = [str(p) for p in sample_images()] if samples else []
-    for p in posters or []:
-        if p.is_dir():
-            paths += [str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            paths.append(str(p))
-    if not paths:
-        raise PosterFusionError("no posters given; name poster files or folders, or use --samples")
-    predictor = Predictor(model, device, objects)
-    predictions = predictor.predict(paths, cache, batch_size)
-    if as_json:
-        for p in predictions:
-            typer.echo(json.dumps({"poster": p.path, "genres": p.genres, "top": p.top(top_k),
-                                   "probabilities": p.probabilities, "evidence": p.evidence, "error": p.error or None}))
-    elif as_csv:
-        import csv
-        import sys
+    if out is not None and (as_json or as_csv):
+        raise PosterFusionError("--out writes the format its name ends in (.csv, .jsonl, .parquet); drop --json/--csv")
+    check_writable(out, "--out")
+    if out is not None:
+        check_format(out)
 
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["poster", "genres", *predictor.genres, "error"])
-        for p in predictions:
-            writer.writerow([p.path, "|".join(p.genres), *(f"{p.probabilities.get(g, ''):.4f}" if p.probabilities else "" for g in predictor.genres), p.error])
+    def inputs() -> Iterator[str]:
+        """Every poster asked for, found as the run needs them (folders walked, lists read lazily)."""
+        if samples:
+            yield from (str(p) for p in sample_images())
+        for p in posters or []:
+            yield from (str(f) for f in walk_images(p)) if p.is_dir() else (str(p),)
+        if manifest is not None:
+            yield from poster_list(manifest)
+
+    source = inputs()
+    first = list(itertools.islice(source, 1))  # a missing list or no posters: an error before any model loads
+    if not first:
+        raise PosterFusionError("no posters given; name poster files or folders, use --manifest, or --samples")
+    predictor = Predictor(model, device, objects)
+    if out is not None:
+        sink = open_results(out, predictor.genres, top_k)
+        done = sink.done
     else:
-        for p in predictions:
-            if p.error:
-                typer.echo(f"{p.path}: skipped: {p.error}", err=True)
-                continue
-            top = ", ".join(f"{g} {prob:.2f}" for g, prob in p.top(top_k))
-            typer.echo(f"{p.path}: {' | '.join(p.genres)}   [{top}]")
-            if "objects" in p.evidence:
-                objs = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(p.evidence["objects"].items())[:6]) or "no objects"
-                faces = p.evidence["faces"]
-                expr = f" ({p.evidence['expression']})" if faces else ""
-                typer.echo(f"    saw: {objs}; {faces} face{'s' if faces != 1 else ''}{expr}")
-            if "read" in p.evidence:
-                typer.echo(f"    read: {p.evidence['read'] or '(no text)'}")
-    failed = sum(1 for p in predictions if p.error)
-    typer.echo(f"{len(predictions) - failed} posters predicted, {failed} skipped (model: {predictor.model_dir})", err=True)
+        sink, done = Printed("json" if as_json else "csv" if as_csv else "text", predictor.genres, top_k), set()
+    todo = (p for p in itertools.chain(first, source) if p not in done)
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    # The bar's total takes a second walk of the inputs (fast next to the models); standard input
+    # can only be read once, so there the bar counts without a total.
+    total = sum(1 for p in inputs() if p not in done) if show_progress and manifest != "-" else None
+    predicted = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(_RichProgress(total, "predict")) if show_progress else None
+            report = _PredictReport(bar)
+            stack.callback(sink.close)
+            for batch in predictor.stream(todo, cache, batch_size, report):
+                sink.write(batch)
+                predicted += sum(1 for p in batch if not p.error)
+    except BrokenPipeError:  # `fusion predict big/ --csv | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    where = f" -> {out} ({len(done)} already there)" if out is not None else ""
+    typer.echo(f"{predicted} posters predicted, {report.failed} skipped (model: {predictor.model_dir}){where}", err=True)
 
 
 @fusion_app.command("evaluate")

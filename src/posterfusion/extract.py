@@ -173,6 +173,11 @@ class Extracted:
         """The detector items' inputs."""
         return [i.detector_input for i in self.detector_items]
 
+    @property
+    def notes(self) -> list[str]:
+        """Per text item, the lines read, " / "-joined (kept in the text store, shown as evidence)."""
+        return [" / ".join(line.text for line in lines) for lines in self.text_lines]
+
 
 class FrozenModels:
     """The detector set and the backbone, on one device, run on prepared batches.
@@ -373,6 +378,24 @@ class BuildSummary:
 def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenModels, batch_size: int = 32,
                 workers: int | None = None, progress: Progress | None = None) -> BuildSummary:
     """Compute what the stores lack for these posters; each batch is committed as it finishes."""
+    summary = BuildSummary()
+    for _ in extract_batches(paths, stores, models, summary, batch_size, workers, progress):
+        pass
+    return summary
+
+
+def extract_batches(paths: list[str], stores: dict[str, "Store"], models: FrozenModels, summary: BuildSummary,
+                    batch_size: int = 32, workers: int | None = None, progress: Progress | None = None,
+                    repeat_duplicates: bool = False, compact: bool = True) -> Iterator[tuple[list[Item], Extracted]]:
+    """Each batch's items (in input order) with the outputs of the models that ran on them, once
+    its rows are handed to the stores' writer; ``summary`` is filled in as batches pass.
+
+    Items that failed carry their error, cached ones ``cached``; the rest are in the outputs. A
+    poster met twice in a run is skipped the second time (its rows are in the stores), unless
+    ``repeat_duplicates``: a consumer that takes features from the outputs, not from the stores,
+    gets it computed again. ``compact=False`` leaves the stores' compaction to a caller that runs
+    this over many lists (compacting after each would rewrite the store each time).
+    """
     detector_store, backbone_store, text_store = stores.get("detectors"), stores.get("backbone"), stores.get("text")
     dataset = PosterDataset(
         paths,
@@ -385,15 +408,15 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
     )
     if workers is None:
         workers = default_workers(models.device) if len(paths) > batch_size else 0
-    summary = BuildSummary()
     seen: set[str] = set()
     start = time.perf_counter()
     batches = iterate(dataset, batch_size, workers)
     # Parquet writes (and their fsync) overlap the next batch's inference; in-memory stores
-    # (``fusion predict`` without a cache) take their rows at once.
-    writer = _Writer(background=not all(isinstance(store, MemoryStore) for store in stores.values()))
-    def todo_batches() -> Iterator[tuple[tuple[int, int], list[Item]]]:
-        """Each batch's posters that need the models, tagged (batch size, posters to do)."""
+    # take their rows at once.
+    writer = _Writer(background=any(isinstance(store, FeatureStore) for store in stores.values()))
+
+    def todo_batches() -> Iterator[tuple[tuple[list[Item], int], list[Item]]]:
+        """Each batch's posters that need the models, tagged (the batch's items, how many to do)."""
         while True:
             with timed(models.timings, "wait"):  # the models idle while no prepared batch is ready
                 items = next(batches, None)
@@ -409,31 +432,30 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
                         progress.failure(item.path, item.error)
                 elif item.cached:
                     summary.cached += 1
-                elif item.key in seen:
+                elif item.key in seen and not repeat_duplicates:
                     summary.skipped += 1
                 else:
                     seen.add(item.key)
                     todo.append(item)
-            yield (len(items), len(todo)), todo
+            yield (items, len(todo)), todo
 
     with disk_full_reported(stores.values()):
         try:
-            for (size, done), result in models.stream(todo_batches()):
+            for (items, done), result in models.stream(todo_batches()):
                 with timed(models.timings, "write"):  # only the wait for the previous batch's write
                     writer.submit(_append, detector_store, result.detector_items, result.features)
                     writer.submit(_append, backbone_store, result.backbone_items, result.embeddings)
-                    writer.submit(_append, text_store, result.text_items, result.text_features,
-                                  [" / ".join(line.text for line in lines) for lines in result.text_lines])
+                    writer.submit(_append, text_store, result.text_items, result.text_features, result.notes)
                 summary.done += done
                 if progress:
-                    progress.advance(size)
+                    progress.advance(len(items))
+                yield items, result
         finally:
             with timed(models.timings, "write"):
                 writer.close()
         summary.seconds = time.perf_counter() - start
-        for store in stores.values():
+        for store in stores.values() if compact else ():
             store.compact()
-    return summary
 
 
 def _append(store: "Store | None", items: list[Item], values: np.ndarray | None, notes: list[str] | None = None) -> None:

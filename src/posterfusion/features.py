@@ -1,51 +1,141 @@
-"""Posters -> aligned feature arrays, through a cache folder or an in-memory store.
+"""Posters -> aligned feature arrays, batch by batch, through a cache folder or computed on the fly.
 
-Whatever the store lacks for the posters is computed first (the same code path as
+Whatever the cache lacks for the posters is computed first (the same code path as
 ``detect-cache build``), so training, evaluation and prediction never silently work on a subset.
+:func:`stream_features` hands over each batch's features as the models finish it and keeps
+none of them, so a run over a catalogue holds one batch at a time; :func:`gather` joins them for
+the callers that want every poster at once (training, evaluation).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from .extract import FrozenModels, Progress, build_cache, open_stores
+from .cache import StoreLookup, disk_full_reported
+from .detectors import schema
+from .extract import BuildSummary, Extracted, FrozenModels, Item, Progress, extract_batches, open_stores
+
+CHUNK_BATCHES = 32
+"""Batches read from the input at a time. The input may be a lazy walk or a pipe, and decoding
+workers need a list; each chunk gets fresh workers (a fork, ~0.1 s, against minutes of models)."""
 
 
 @dataclass
 class FeatureTable:
-    """The posters that have features, in input order."""
+    """Posters ``start .. start + len(paths)`` of the input, those with features in input order."""
 
-    rows: np.ndarray  # indices into the input paths
+    rows: np.ndarray  # positions in the input of the posters with features
     keys: list[str]
     cnn: np.ndarray | None
     detectors: np.ndarray | None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), in input order
     text: np.ndarray | None = None  # the text detector's features, where it ran
     text_read: list[str] | None = None  # and the lines it read, " / "-joined
+    paths: list[str] = field(default_factory=list)  # every poster covered, in input order
+    start: int = 0
 
     def errors(self) -> dict[int, str]:
-        """Reason per input index for the posters that could not be read."""
+        """Reason per input position for the posters that could not be read."""
         have = set(self.rows.tolist())
-        missing = [i for i in range(len(have) + len(self.failures)) if i not in have]
+        missing = [i for i in range(self.start, self.start + len(self.paths)) if i not in have]
         return {i: reason for i, (_, reason) in zip(missing, self.failures)}
+
+    @classmethod
+    def join(cls, tables: list["FeatureTable"]) -> "FeatureTable":
+        """Consecutive tables as one."""
+
+        def stack(arrays: list) -> np.ndarray | None:
+            return None if not arrays or arrays[0] is None else np.concatenate(arrays)
+
+        read = [t.text_read for t in tables]
+        return cls(
+            np.concatenate([t.rows for t in tables]) if tables else np.zeros(0, np.int64),
+            [k for t in tables for k in t.keys],
+            stack([t.cnn for t in tables]),
+            stack([t.detectors for t in tables]),
+            [f for t in tables for f in t.failures],
+            stack([t.text for t in tables]),
+            None if not read or read[0] is None else [r for part in read for r in part],
+            [p for t in tables for p in t.paths],
+            tables[0].start if tables else 0,
+        )
 
 
 def gather(paths: list[str], models: FrozenModels, cache_dir: str | Path | None = None, batch_size: int = 32,
            workers: int | None = None, progress: Progress | None = None) -> FeatureTable:
     """Features for every readable poster; ``cache_dir`` None keeps them in memory only."""
-    stores = open_stores(models, cache_dir)
-    summary = build_cache(paths, stores, models, batch_size, workers, progress)
-    rows = np.array([i for i, key in enumerate(summary.keys) if key], dtype=np.int64)
-    keys = [summary.keys[i] for i in rows]
-    unique = list(dict.fromkeys(keys))
+    return FeatureTable.join(list(stream_features(paths, models, cache_dir, batch_size, workers, progress)))
+
+
+def stream_features(paths: Iterable[str], models: FrozenModels, cache_dir: str | Path | None = None,
+                    batch_size: int = 32, workers: int | None = None,
+                    progress: Progress | None = None) -> Iterator[FeatureTable]:
+    """One :class:`FeatureTable` per batch of ``paths``, in order, as the models finish it.
+
+    With a cache, what it lacks is computed and stored as ``detect-cache build`` does, and what it
+    holds is read a row group at a time. Without one nothing is kept: a poster met twice is
+    computed twice, which is rarer and cheaper than holding every poster's features.
+    """
+    stores = open_stores(models, cache_dir) if cache_dir is not None else {}
+    widths = {}  # columns per kind of feature these models give
+    if models.detectors is not None:
+        widths["detectors"] = len(models.detectors.columns)
+    if models.backbone is not None:
+        widths["backbone"] = models.backbone.dim
+    if models.text is not None:
+        widths["text"] = len(schema.TEXT_COLUMNS)
+    # One lookup for the run: it indexes the store again only when asked for a key stored since.
+    lookups = {kind: StoreLookup(store) for kind, store in stores.items()}
+    start = 0
+    source = iter(paths)
+    while chunk := list(itertools.islice(source, CHUNK_BATCHES * batch_size)):
+        summary = BuildSummary()
+        for items, result in extract_batches(chunk, stores, models, summary, batch_size, workers, progress,
+                                             repeat_duplicates=True, compact=False):
+            yield _table(items, result, widths, lookups, start)
+            start += len(items)
+    with disk_full_reported(stores.values()):
+        for store in stores.values():
+            store.compact()
+
+
+def _table(items: list[Item], result: Extracted, widths: dict[str, int], lookups: dict[str, StoreLookup],
+           start: int) -> FeatureTable:
+    """One batch's features: computed ones from the models' outputs, cached ones from the stores."""
+    good = [i for i, item in enumerate(items) if not item.error]
+    computed = {
+        "detectors": (result.detector_items, result.features, None),
+        "backbone": (result.backbone_items, result.embeddings, None),
+        "text": (result.text_items, result.text_features, result.notes),
+    }
     arrays: dict[str, np.ndarray | None] = {"detectors": None, "backbone": None, "text": None}
-    for kind, store in stores.items():
-        stored_keys, matrix = store.read(unique)
-        position = {k: i for i, k in enumerate(stored_keys)}
-        arrays[kind] = matrix[[position[k] for k in keys]]
-    read = stores["text"].notes(unique) if "text" in stores else {}
-    return FeatureTable(rows, keys, arrays["backbone"], arrays["detectors"], summary.failures, arrays["text"],
-                        [read.get(k, "") for k in keys] if "text" in stores else None)
+    read: list[str] | None = None
+    for kind, width in widths.items():
+        done_items, values, notes = computed[kind]
+        row_of = {id(item): r for r, item in enumerate(done_items)}
+        stored = [items[i].key for i in good if id(items[i]) not in row_of]
+        cached, cached_notes = lookups[kind].rows(stored) if stored else (None, [])
+        matrix = np.zeros((len(good), width), np.float32)
+        notes_out = []
+        next_cached = 0
+        for r, i in enumerate(good):
+            if id(items[i]) in row_of:
+                matrix[r] = values[row_of[id(items[i])]]
+                notes_out.append(notes[row_of[id(items[i])]] if notes is not None else "")
+            else:
+                matrix[r] = cached[next_cached]
+                notes_out.append(cached_notes[next_cached])
+                next_cached += 1
+        arrays[kind] = matrix
+        if kind == "text":
+            read = notes_out
+    return FeatureTable(
+        np.array([start + i for i in good], dtype=np.int64), [items[i].key for i in good],
+        arrays["backbone"], arrays["detectors"], [(item.path, item.error) for item in items if item.error],
+        arrays["text"], read, [item.path for item in items], start,
+    )

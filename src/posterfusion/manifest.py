@@ -8,8 +8,12 @@ manifest without labels. Everything downstream takes the :class:`Manifest` this 
 from __future__ import annotations
 
 import csv
+import itertools
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import pandas as pd
 
@@ -104,9 +108,7 @@ def _read_csv(source: Path) -> pd.DataFrame:
 
 
 def _from_folder(folder: Path) -> Manifest:
-    paths = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    paths = list(walk_images(folder))
     if not paths:
         raise PosterFusionError(f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     table = pd.DataFrame(
@@ -117,3 +119,51 @@ def _from_folder(folder: Path) -> Manifest:
     )
     table["genre_list"] = [[] for _ in range(len(table))]
     return Manifest(table, folder, labelled=False)
+
+
+def walk_images(folder: Path) -> Iterator[Path]:
+    """The image files under ``folder``, in ``sorted(folder.rglob("*"))`` order, found as they are
+    needed: a catalogue's first posters are at work before a 100,000-file walk could end.
+    Symlinked folders are not entered (as ``rglob``), so a link loop cannot trap the walk."""
+    with os.scandir(folder) as listing:
+        entries = sorted(listing, key=lambda entry: entry.name)
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            yield from walk_images(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+            yield path
+
+
+def poster_list(source: str | Path) -> Iterator[str]:
+    """The posters a ``--manifest`` names, one at a time: a manifest CSV (its ``poster`` column), a
+    folder, or a text file of paths one per line (``-``: standard input), relative paths there
+    being relative to the current folder as on a command line. Blank lines are skipped."""
+    if str(source) == "-":
+        yield from _lines(sys.stdin)
+        return
+    source = Path(source)
+    if source.is_dir():
+        yield from (str(p) for p in walk_images(source))
+        return
+    try:
+        handle = open(source, encoding="utf-8", newline="")
+    except OSError as exc:
+        raise PosterFusionError(f"{source}: cannot read this list of posters ({exc.strerror or exc})") from None
+    with handle:
+        try:
+            first = handle.readline()
+            if "poster" in next(csv.reader([first]), []):
+                handle.close()
+                yield from load_manifest(source).paths
+                return
+            yield from _lines(itertools.chain([first], handle))
+        except UnicodeDecodeError:
+            raise PosterFusionError(f"{source}: not UTF-8 text; a list of posters is a CSV manifest or one path a line") from None
+
+
+def _lines(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        line = line.strip()
+        if line:
+            yield line

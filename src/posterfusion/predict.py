@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from .detectors import schema
 from .detectors.base import COCO_CLASSES, EXPRESSIONS
 from .errors import PosterFusionError
 from .extract import FrozenModels, Progress
-from .features import gather
+from .features import FeatureTable, stream_features
 from .model import CARD_FILE, load_model
 from .train import predict_proba
 from .weights import objects_from_card, weights_dir
@@ -69,16 +70,30 @@ class Predictor:
         self.genres: list[str] = self.card["genres"]
         self.thresholds = np.asarray(self.card["thresholds"], np.float32)
 
-    def predict(self, paths: list[str], cache_dir: str | Path | None = None, batch_size: int = 32,
+    def stream(self, paths: Iterable[str], cache_dir: str | Path | None = None, batch_size: int = 32,
+               progress: Progress | None = None) -> Iterator[list[Prediction]]:
+        """A list of :class:`Prediction` per batch of ``paths``, in input order, as soon as the models
+        have done the batch; unreadable posters carry their error.
+
+        ``paths`` may be lazy (a folder walk, a pipe): they are read as the run goes, and nothing
+        of a batch is kept once it is handed over, so memory does not grow with the posters.
+        """
+        for table in stream_features(paths, self.models, cache_dir, batch_size, progress=progress):
+            yield self._predictions(table)
+
+    def predict(self, paths: Iterable[str], cache_dir: str | Path | None = None, batch_size: int = 32,
                 progress: Progress | None = None) -> list[Prediction]:
-        """One :class:`Prediction` per path, in order; unreadable posters carry their error."""
-        table = gather(paths, self.models, cache_dir, batch_size, progress=progress)
+        """One :class:`Prediction` per path, in order (:meth:`stream`, joined)."""
+        return [p for batch in self.stream(paths, cache_dir, batch_size, progress) for p in batch]
+
+    def _predictions(self, table: FeatureTable) -> list[Prediction]:
+        """The head and the thresholds on one batch of features."""
         probs = predict_proba(self.head, table.cnn, table.detectors, table.text) if len(table.rows) else np.zeros((0, len(self.genres)))
-        out = [Prediction(p) for p in paths]
-        for index, reason in table.errors().items():
-            out[index].error = reason
+        out = [Prediction(p) for p in table.paths]
+        for position, reason in table.errors().items():
+            out[position - table.start].error = reason
         for r, row in enumerate(table.rows):
-            pred = out[row]
+            pred = out[row - table.start]
             pred.probabilities = {g: float(p) for g, p in zip(self.genres, probs[r])}
             chosen = [g for g, p, t in zip(self.genres, probs[r], self.thresholds) if p >= t]
             # Every poster has some genre: if none clears its threshold, take the most probable.
