@@ -136,3 +136,49 @@ def real_cache(real_manifest: Path, frozen_models, tmp_path_factory: pytest.Temp
     seconds = time.perf_counter() - start
     assert summary.failed == 0, summary.failures
     return RealCache(cache, root / "all.csv", root / "train.csv", root / "eval.csv", paths, seconds)
+
+
+# --- a tiny trained model with every branch, built once ---------------------------------------
+
+
+def copy_real_posters(real_manifest: Path, root: Path, step: int, count: int) -> Path:
+    """``count`` real posters (every ``step``-th) copied under ``root`` (so tests may break them),
+    listed in ``root/labels.csv`` with a train/val split (every third poster for validation)."""
+    import pandas as pd
+
+    table = pd.read_csv(real_manifest, dtype=str, keep_default_na=False).iloc[::step].head(count).reset_index(drop=True)
+    (root / "posters").mkdir()
+    for poster in table["poster"]:
+        shutil.copy(real_manifest.parent / poster, root / poster)
+    table["split"] = ["val" if i % 3 == 2 else "train" for i in range(len(table))]
+    table.to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
+
+
+@dataclass
+class TinyModel:
+    """A fusion model with CNN, detector and text branches, trained in seconds on real posters:
+    enough to draw boxes, text lines, heat maps and a report, not to be accurate."""
+
+    model: Path
+    manifest: Path  # the posters with genres and a train/val split (relative paths)
+    cache: Path  # their features
+    posters: list[Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """36 real posters copied to a temporary folder, and a model trained on them (text on)."""
+    import pandas as pd
+
+    from posterfusion.config import load_config
+    from posterfusion.train import train
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    manifest = copy_real_posters(real_manifest, root, step=277, count=36)
+    config = load_config(None, {"text": True, "min_genre_posters": 2, "optim": {"epochs": 3, "ensemble": 1}})
+    with pytest.MonkeyPatch.context() as patch:
+        share_models(patch)
+        train(manifest, root / "cache", config, root / "model", device="cpu")
+    posters = pd.read_csv(manifest, dtype=str, keep_default_na=False)["poster"]
+    return TinyModel(root / "model", manifest, root / "cache", [root / p for p in posters])

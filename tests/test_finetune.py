@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import copy_real_posters
 
 from posterfusion.loop import Schedule, fit
 
@@ -58,14 +59,7 @@ def test_loop_never_ends_worse_than_it_started() -> None:
 @pytest.fixture(scope="module")
 def tiny_real(real_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 real posters copied to a temporary folder (so one can be broken), with a train/val split."""
-    root = tmp_path_factory.mktemp("tiny_real")
-    table = pd.read_csv(real_manifest, dtype=str, keep_default_na=False).iloc[::331].head(30).reset_index(drop=True)
-    (root / "posters").mkdir()
-    for poster in table["poster"]:
-        shutil.copy(real_manifest.parent / poster, root / poster)
-    table["split"] = ["val" if i % 3 == 2 else "train" for i in range(len(table))]
-    table.to_csv(root / "labels.csv", index=False)
-    return root / "labels.csv"
+    return copy_real_posters(real_manifest, tmp_path_factory.mktemp("tiny_real"), step=331, count=30)
 
 
 @pytest.mark.slow

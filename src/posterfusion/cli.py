@@ -182,6 +182,7 @@ def predict_command(
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV for programs."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write results to this .csv, .jsonl or .parquet file as they come; a rerun skips the posters already in it."),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar on stderr (default: when stderr is a terminal)."),
+    annotate: Optional[Path] = typer.Option(None, "--annotate", help="Write an annotated PNG per poster into this folder (boxes, heat map, genre bars); --json then carries the explanation."),
     samples: bool = typer.Option(False, "--samples", help="Predict the sample images shipped with installed packages."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
@@ -194,7 +195,7 @@ def predict_command(
     import itertools
     import sys
 
-    from .files import check_writable
+    from .files import check_writable, check_writable_folder
     from .manifest import poster_list, walk_images
     from .outputs import Printed, check_format, open_results
     from .predict import Predictor, sample_images
@@ -204,6 +205,8 @@ def predict_command(
     check_writable(out, "--out")
     if out is not None:
         check_format(out)
+    if annotate is not None:
+        check_writable_folder(annotate, "--annotate")
 
     def inputs() -> Iterator[str]:
         """Every poster asked for, found as the run needs them (folders walked, lists read lazily)."""
@@ -219,6 +222,11 @@ def predict_command(
     if not first:
         raise PosterFusionError("no posters given; name poster files or folders, use --manifest, or --samples")
     predictor = Predictor(model, device, objects)
+    annotations = None
+    if annotate is not None:
+        from .annotate import AnnotationFolder
+
+        annotations = AnnotationFolder(predictor, annotate)
     if out is not None:
         sink = open_results(out, predictor.genres, top_k)
         done = sink.done
@@ -237,6 +245,8 @@ def predict_command(
             report = _PredictReport(bar)
             stack.callback(sink.close)
             for batch in predictor.stream(todo, cache, batch_size, report):
+                if annotations is not None:
+                    annotations.write(batch)
                 sink.write(batch)
                 predicted += sum(1 for p in batch if not p.error)
     except BrokenPipeError:  # `fusion predict big/ --csv | head`: the reader has all it wanted
@@ -255,6 +265,7 @@ def evaluate_command(
     split: Optional[str] = typer.Option(None, "--split", help="Only rows whose 'split' column has this value (e.g. test)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a precision-recall PNG here."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report here (metrics, plot, per-genre thumbnails)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
 ) -> None:
@@ -266,9 +277,10 @@ def evaluate_command(
 
     check_writable(json_out, "--json")
     check_writable(plot, "--plot")
+    check_writable(report, "--report")
     predictor = Predictor(model, device, objects)
     with _RichProgress(None, "features") as progress:
-        result = evaluate_manifest(manifest, predictor, cache, split, plot, progress)
+        result = evaluate_manifest(manifest, predictor, cache, split, plot, progress, report)
     typer.echo(format_table(result))
     if result["unknown_genres"]:
         typer.echo(f"ignored genres the model does not know: {', '.join(result['unknown_genres'])}")
@@ -279,3 +291,26 @@ def evaluate_command(
     prior = f" (genre prior {result['prior_map']:.3f})" if "prior_map" in result else ""
     typer.echo(f"evaluated {result['n_posters']} posters: mAP {result['map']:.3f}{prior}, micro-F1 {result['micro_f1']:.3f}, "
                f"macro-F1 {result['macro_f1']:.3f}, top-n {result['top_n_accuracy']:.3f}")
+
+
+@fusion_app.command("serve")
+@user_errors
+def serve_command(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; only this machine by default (0.0.0.0: every network)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one."),
+    max_files: int = typer.Option(16, "--max-files", min=1, help="Posters per request."),
+    max_mb: int = typer.Option(20, "--max-mb", min=1, help="Largest poster file accepted, in MB."),
+) -> None:
+    """A local web page to drop posters on, and a JSON API (POST /predict, GET /health).
+
+    The model is loaded once, before the server starts listening.
+    """
+    from .predict import Predictor
+    from .serve import Limits, serve
+
+    predictor = Predictor(model, device, objects)
+    typer.echo(f"model {predictor.model_dir} loaded; open http://{host}:{port}/ (Ctrl+C stops)", err=True)
+    serve(predictor, host, port, Limits(max_files, max_mb * 2**20))

@@ -17,8 +17,9 @@ from .train import label_matrix, predict_proba
 
 def evaluate_manifest(manifest_path: str | Path, predictor: Predictor, cache_dir: str | Path | None = None,
                       split: str | None = None, plot: str | Path | None = None,
-                      progress: Progress | None = None) -> dict:
-    """Metrics of ``predictor`` on the manifest (or on its rows of one ``split``)."""
+                      progress: Progress | None = None, report: str | Path | None = None) -> dict:
+    """Metrics of ``predictor`` on the manifest (or on its rows of one ``split``); ``report``: an
+    HTML file that shows them with the posters behind them (see :mod:`posterfusion.report`)."""
     manifest = load_manifest(manifest_path)
     if not manifest.labelled:
         raise PosterFusionError(f"{manifest_path}: evaluation needs a 'genres' column")
@@ -46,4 +47,11 @@ def evaluate_manifest(manifest_path: str | Path, predictor: Predictor, cache_dir
     result["model"] = str(predictor.model_dir)
     if plot is not None:
         metrics.plot_precision_recall(y, probs, genres, plot)
+    if report is not None:
+        from .report import write_report
+
+        rows, paths, labels = table.rows.tolist(), manifest.paths, manifest.table["genre_list"].tolist()
+        title = f"posterfusion evaluation: {Path(manifest_path).name}" + (f", split {split}" if split else "")
+        write_report(report, result, y, probs, [paths[i] for i in rows], [labels[i] for i in rows], genres,
+                     predictor.thresholds, title)
     return result

@@ -1,0 +1,265 @@
+"""``fusion serve``: a local web page where people drop posters, and a JSON API for programs.
+
+* ``GET /``: one self-contained page (no external scripts, styles or fonts, so it works offline);
+  each poster dropped or picked is sent on its own to ``POST /predict`` and shown as it comes back:
+  the annotated picture, the genres with their probabilities, what the detectors saw and read. A
+  bad file shows the server's reason in its place.
+* ``POST /predict``: multipart, one or many files in the field ``files``; answers
+  ``{"results": [...]}`` with the records ``fusion predict --json`` prints, plus the explanation
+  and (unless ``?annotate=false``) the annotated picture as a PNG data URL. Every upload is checked
+  before the model runs; any bad one makes the whole request a 4xx whose ``detail`` names the
+  file and the problem (400 empty or no files, 413 too large, too many files or a decompression
+  bomb, 415 not an image, 422 an image that cannot be decoded). Never a 500 for an upload.
+* ``GET /health``: the model folder, its genres and the device, for a readiness probe.
+
+The model is loaded once, when the app is made, and runs one request at a time (a lock: the frozen
+models are not thread-safe, and two requests at once would only share the same cores). Uploads are
+written only into a fresh temporary folder per request, under their position, never their name,
+and removed when the answer is sent.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the route functions' annotations, and
+# the types they name are imported inside create_app.
+import base64
+import io
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .images import IMAGE_SUFFIXES, BadImage, decode_bytes
+from .predict import Predictor
+
+if TYPE_CHECKING:
+    import numpy as np
+    from fastapi import FastAPI
+
+MAX_FILES = 16
+MAX_FILE_MB = 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry."""
+
+    max_files: int = MAX_FILES
+    max_file_bytes: int = MAX_FILE_MB * 2**20
+
+
+class UploadError(Exception):
+    """A bad upload: the HTTP status and the one-line reason that names the file."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def status_for(reason: str) -> int:
+    """The HTTP status of a poster the decoder refused, from its reason."""
+    if reason.startswith("empty"):
+        return 400
+    if reason.startswith("not an image"):
+        return 415
+    if reason.startswith("image too large") or "decompression bomb" in reason:  # ours, or PIL's own guard
+        return 413
+    return 422
+
+
+def check_upload(name: str, data: bytes, limits: Limits) -> "np.ndarray":
+    """The decoded poster of one upload, or :class:`UploadError` naming the file and the problem."""
+    if len(data) > limits.max_file_bytes:
+        raise UploadError(413, f"{name}: file too large ({len(data) / 2**20:.1f} MB, limit {limits.max_file_bytes / 2**20:.0f} MB)")
+    try:
+        return decode_bytes(data)
+    except BadImage as exc:
+        raise UploadError(status_for(str(exc)), f"{name}: {exc}") from None
+
+
+def predict_uploads(predictor: Predictor, uploads: list[tuple[str, bytes]], annotate: bool, limits: Limits,
+                    top_k: int = 3) -> list[dict]:
+    """The API's records for checked uploads: each written under its position into a temporary
+    folder, predicted in one batch, explained and (if asked) drawn."""
+    from .annotate import annotate as draw
+    from .outputs import json_record
+
+    if not uploads:
+        raise UploadError(400, "no files: send one or more posters as the multipart field 'files'")
+    if len(uploads) > limits.max_files:
+        raise UploadError(413, f"too many files: {len(uploads)}, at most {limits.max_files} per request")
+    pixels = [check_upload(name, data, limits) for name, data in uploads]
+    with tempfile.TemporaryDirectory(prefix="posterfusion-upload-") as folder:
+        paths = []
+        for i, (name, data) in enumerate(uploads):
+            suffix = Path(name).suffix.lower()
+            path = Path(folder) / f"{i}{suffix if suffix in IMAGE_SUFFIXES else '.img'}"
+            path.write_bytes(data)
+            paths.append(str(path))
+        predictions = predictor.predict(paths, batch_size=limits.max_files)
+    records = []
+    for (name, _), rgb, prediction in zip(uploads, pixels, predictions):
+        prediction.path = name
+        if prediction.error:  # decoded above, so only a poster the models could not take
+            raise UploadError(422, f"{name}: {prediction.error}")
+        picture = draw(predictor, prediction, rgb)
+        record = json_record(prediction, top_k)
+        if annotate:
+            buffer = io.BytesIO()
+            picture.image.save(buffer, format="PNG")
+            record["annotated"] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        records.append(record)
+    return records
+
+
+def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
+    """The FastAPI app around one loaded predictor."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="posterfusion", version="1", docs_url=None, redoc_url=None)
+    lock = threading.Lock()
+    # The whole body of the largest acceptable request, and room for the multipart framing.
+    max_body = limits.max_files * limits.max_file_bytes + 2**20
+
+    def run(uploads: list[tuple[str, bytes]], annotate: bool) -> list[dict]:
+        with lock:
+            return predict_uploads(predictor, uploads, annotate, limits)
+
+    @app.exception_handler(UploadError)
+    async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.replace("{{MAX_FILES}}", str(limits.max_files)).replace("{{MAX_MB}}", f"{limits.max_file_bytes / 2**20:.0f}")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": str(predictor.model_dir), "genres": predictor.genres,
+                "device": str(predictor.models.device)}
+
+    @app.post("/predict")
+    async def predict(request: Request, annotate: bool = True) -> dict:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body:
+            raise UploadError(413, f"request too large ({int(length) / 2**20:.1f} MB; at most {limits.max_files} files "
+                                   f"of {limits.max_file_bytes / 2**20:.0f} MB each)")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise UploadError(400, "send the posters as multipart/form-data, in the field 'files'")
+        try:
+            form = await request.form(max_files=limits.max_files + 1, max_fields=limits.max_files + 10)
+        except HTTPException as exc:  # the parser's own limits, or a malformed body
+            if "Too many files" in str(exc.detail):
+                raise UploadError(413, f"too many files: over {limits.max_files + 1}, at most {limits.max_files} per request") from None
+            raise UploadError(400, f"bad multipart body: {exc.detail}") from None
+        uploads = []
+        for value in form.getlist("files"):
+            if isinstance(value, str):
+                raise UploadError(400, "the field 'files' must hold files, not text")
+            uploads.append((value.filename or f"upload {len(uploads) + 1}", await value.read(limits.max_file_bytes + 1)))
+        try:
+            return {"results": await run_in_threadpool(run, uploads, annotate)}
+        finally:
+            await form.close()
+
+    return app
+
+
+def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(predictor, limits), host=host, port=port, log_level="info")
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>posterfusion</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1280px; padding: 0 1rem; color: #222; }
+#drop { border: 3px dashed #999; border-radius: 12px; padding: 2.5rem; text-align: center; background: #fafafa; }
+#drop.over { border-color: #2e8b57; background: #eef8f1; }
+.result { border: 1px solid #ddd; border-radius: 8px; margin: 1rem 0; padding: 1rem; }
+.result h2 { font-size: 1.05rem; margin: 0 0 .5rem; }
+.result img.annotated { max-width: 100%; height: auto; display: block; margin-top: .5rem; }
+.genres span { display: inline-block; background: #2e8b57; color: #fff; border-radius: 4px; padding: .1rem .5rem; margin-right: .3rem; }
+.error { color: #b00020; font-weight: 600; }
+.muted { color: #666; }
+</style></head>
+<body>
+<h1>posterfusion</h1>
+<p>Drop movie posters below (or pick them); each one comes back with its genres, their probabilities,
+what the detectors saw and why. Up to {{MAX_FILES}} at a time, {{MAX_MB}} MB each; nothing leaves this machine.</p>
+<div id="drop"><p>Drop posters here</p><input type="file" id="files" name="files" accept="image/*" multiple></div>
+<div id="results"></div>
+<script>
+const results = document.getElementById('results');
+const drop = document.getElementById('drop');
+const input = document.getElementById('files');
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function evidenceLine(ev) {
+  const parts = [];
+  if (ev.objects) {
+    const seen = Object.entries(ev.objects).map(([k, v]) => v > 1 ? k + ' x' + v : k).join(', ') || 'no objects';
+    parts.push('saw: ' + seen + '; ' + ev.faces + (ev.faces === 1 ? ' face' : ' faces') + (ev.faces ? ' (' + ev.expression + ')' : ''));
+  }
+  if ('read' in ev) parts.push('read: ' + (ev.read || '(no text)'));
+  return parts.join(' \\u2014 ');
+}
+
+async function send(file) {
+  const card = el('div', 'result');
+  card.appendChild(el('h2', null, file.name));
+  const status = el('p', 'muted status', 'predicting\\u2026');
+  card.appendChild(status);
+  results.prepend(card);
+  const body = new FormData();
+  body.append('files', file, file.name);
+  let answer, ok = false;
+  try {
+    const response = await fetch('predict', { method: 'POST', body });
+    ok = response.ok;
+    answer = await response.json();
+  } catch (err) {
+    answer = { detail: 'no answer from the server (' + err + ')' };
+  }
+  status.remove();
+  if (!ok) {
+    card.classList.add('failed');
+    card.appendChild(el('p', 'error', answer.detail || 'the server refused the file'));
+    return;
+  }
+  const r = answer.results[0];
+  const genres = el('p', 'genres');
+  r.genres.forEach(g => genres.appendChild(el('span', 'genre', g)));
+  card.appendChild(genres);
+  card.appendChild(el('p', 'probabilities', r.top.map(([g, p]) => g + ' ' + p.toFixed(2)).join(', ')));
+  card.appendChild(el('p', 'evidence muted', evidenceLine(r.evidence)));
+  if (r.annotated) {
+    const img = el('img', 'annotated');
+    img.alt = 'annotated ' + file.name;
+    img.src = r.annotated;
+    card.appendChild(img);
+  }
+}
+
+async function sendAll(files) {
+  for (const file of files) await send(file);  // one at a time: the server runs one poster batch at a time anyway
+}
+
+input.addEventListener('change', () => { sendAll(Array.from(input.files)); input.value = ''; });
+drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
+drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('over'); sendAll(Array.from(e.dataTransfer.files)); });
+</script>
+</body></html>
+"""

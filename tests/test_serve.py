@@ -1,0 +1,191 @@
+"""`fusion serve`: the JSON API with real multipart requests over a socket (good and bad uploads),
+and the page in a real browser (headless Chromium driven by Selenium)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+from conftest import TinyModel, share_models
+from PIL import Image
+
+from posterfusion.serve import Limits, create_app, status_for
+
+MAX_FILES = 3
+MAX_BYTES = 2 * 2**20
+
+
+@pytest.mark.parametrize("reason, status", [
+    ("empty file (0 bytes)", 400),
+    ("not an image (unrecognised format)", 415),
+    ("image too large (20000x20000 pixels, limit 80,000,000): possible decompression bomb", 413),
+    ("cannot decode: truncated file (image data ends early)", 422),
+])
+def test_each_decoder_refusal_has_its_status(reason: str, status: int) -> None:
+    assert status_for(reason) == status
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: TinyModel) -> Iterator[str]:
+    """The app with the tiny model, served by uvicorn on a free localhost port in this process."""
+    import uvicorn
+
+    from posterfusion.predict import Predictor
+
+    with pytest.MonkeyPatch.context() as patch:
+        share_models(patch)
+        predictor = Predictor(tiny_model.model, "cpu")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(create_app(predictor, Limits(MAX_FILES, MAX_BYTES)), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def post(server: str, files: list[tuple[str, bytes]], **params) -> httpx.Response:
+    return httpx.post(f"{server}/predict", files=[("files", (name, data)) for name, data in files], params=params, timeout=300)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_api_predicts_real_posters_with_the_fields_of_predict_json(server: str, tiny_model: TinyModel) -> None:
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["genres"]
+    posters = tiny_model.posters[:2]
+    answer = post(server, [("first poster.jpg", posters[0].read_bytes()), ("second.jpg", posters[1].read_bytes())])
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["poster"] for r in results] == ["first poster.jpg", "second.jpg"]  # the names sent, in order
+    for r in results:
+        assert {"poster", "genres", "top", "probabilities", "evidence", "error"} <= set(r)
+        assert r["error"] is None and r["genres"] and set(r["probabilities"]) == set(health["genres"])
+        assert "objects" in r["evidence"] and "read" in r["evidence"] and "explanation" in r["evidence"]
+        header, data = r["annotated"].split(",", 1)
+        assert header == "data:image/png;base64"
+        picture = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert picture.format == "PNG" and picture.height >= 560 and picture.width > 1000
+    plain = post(server, [("p.jpg", posters[0].read_bytes())], annotate="false").json()["results"][0]
+    assert "annotated" not in plain and plain["probabilities"] == results[0]["probabilities"]
+
+
+def bomb(side: int) -> bytes:
+    """A ``side`` x ``side`` PNG of a few kB: decoded, 81 or 100 megapixels (243 or 300 MB as RGB)."""
+    return png_bytes(Image.new("1", (side, side)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files, status, reason", [
+    ([("notes.txt", b"these are my notes, not a poster\n")], 415, "notes.txt: not an image"),
+    ([("empty.jpg", b"")], 400, "empty.jpg: empty file"),
+    ([("huge.png", b"\x89PNG" + bytes(MAX_BYTES))], 413, "huge.png: file too large"),
+    ([("bomb.png", 9_000)], 413, "bomb.png: image too large"),  # over posterfusion's own limit
+    ([("bomb.png", 10_000)], 413, "bomb.png: cannot decode: Image size (100000000 pixels)"),  # over PIL's too
+    ([("cut.jpg", "truncated")], 422, "cut.jpg: cannot decode"),
+    ([("a.jpg", "poster")] * (MAX_FILES + 1), 413, f"too many files: {MAX_FILES + 1}, at most {MAX_FILES}"),
+    ([("a.jpg", b"x")] * (MAX_FILES + 5), 413, f"too many files: over {MAX_FILES + 1}, at most {MAX_FILES}"),  # stopped by the parser, before reading them all
+    ([("good.jpg", "poster"), ("bad.gif", b"GIF89a nonsense")], 415, "bad.gif: not an image"),
+])
+def test_bad_uploads_get_a_4xx_with_the_reason(server: str, tiny_model: TinyModel, files, status: int, reason: str) -> None:
+    real = tiny_model.posters[0].read_bytes()
+    made = {"truncated": real[: len(real) // 2], "poster": real, 9_000: bomb(9_000), 10_000: bomb(10_000)}
+    answer = post(server, [(name, data if isinstance(data, bytes) else made[data]) for name, data in files])
+    assert answer.status_code == status, answer.text
+    assert reason in answer.json()["detail"]
+    assert httpx.get(f"{server}/health").status_code == 200  # still up
+
+
+@pytest.mark.slow
+def test_requests_that_are_not_poster_uploads_get_a_4xx(server: str) -> None:
+    assert httpx.post(f"{server}/predict", json={"files": []}).status_code == 400
+    no_files = httpx.post(f"{server}/predict", files={"other": ("x.jpg", b"data")})
+    assert no_files.status_code == 400 and "no files" in no_files.json()["detail"]
+    text_field = httpx.post(f"{server}/predict", data={"files": "poster.jpg"}, files={"x": ("x", b"")})
+    assert text_field.status_code == 400 and "must hold files" in text_field.json()["detail"]
+    too_big = httpx.post(f"{server}/predict", content=b"x" * (MAX_FILES * MAX_BYTES + 2**21),
+                         headers={"content-type": "multipart/form-data; boundary=x"})
+    assert too_big.status_code == 413 and "request too large" in too_big.json()["detail"]
+
+
+@pytest.mark.slow
+def test_uploads_are_written_only_to_a_temporary_folder_that_goes(server: str, tiny_model: TinyModel, tmp_path: Path) -> None:
+    escape = Path(tempfile.gettempdir()).parent / "posterfusion-escaped.jpg"
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("posterfusion-upload-*")}
+    answer = post(server, [(f"../../../../{escape}", tiny_model.posters[0].read_bytes())], annotate="false")
+    assert answer.status_code == 200 and answer.json()["results"][0]["poster"] == f"../../../../{escape}"
+    assert not escape.exists()
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("posterfusion-upload-*")} == before
+
+
+# --- the page, in a real browser ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    """Headless Chromium (Debian's chromium and chromium-driver; .ci/run installs them)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    yield browser
+    browser.quit()
+
+
+@pytest.mark.slow
+def test_the_page_shows_genres_and_the_annotated_poster_and_errors(server: str, browser, tiny_model: TinyModel, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    genres = httpx.get(f"{server}/health").json()["genres"]
+    browser.get(f"{server}/")
+    assert "posterfusion" in browser.title
+    poster = tiny_model.posters[1]
+    browser.find_element(By.ID, "files").send_keys(str(poster))
+    wait = WebDriverWait(browser, 300)
+    card = wait.until(lambda b: next(iter(b.find_elements(By.CSS_SELECTOR, ".result:has(img.annotated)")), None))
+    assert card.find_element(By.TAG_NAME, "h2").text == poster.name
+    shown = [e.text for e in card.find_elements(By.CSS_SELECTOR, ".genres .genre")]
+    assert shown and set(shown) <= set(genres)
+    assert any(g in card.find_element(By.CSS_SELECTOR, ".probabilities").text for g in shown)
+    assert "saw:" in card.find_element(By.CSS_SELECTOR, ".evidence").text
+    image = card.find_element(By.CSS_SELECTOR, "img.annotated")
+    wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+    assert browser.execute_script("return arguments[0].naturalWidth", image) > 1000
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a shopping list, not a poster\n")
+    browser.find_element(By.ID, "files").send_keys(str(notes))
+    error = wait.until(lambda b: next(iter(b.find_elements(By.CSS_SELECTOR, ".result.failed .error")), None))
+    assert "notes.txt: not an image" in error.text
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".result")) == 2  # the poster's result stays
