@@ -6,7 +6,8 @@
   bad file shows the server's reason in its place.
 * ``POST /predict``: multipart, one or many files in the field ``files``; answers
   ``{"results": [...]}`` with the records ``fusion predict --json`` prints, plus the explanation
-  and (unless ``?annotate=false``) the annotated picture as a PNG data URL. Every upload is checked
+  and the annotated picture as a PNG data URL (``?annotate=false``: the records alone, without the
+  explanation's extra detector and CNN passes). Every upload is checked
   before the model runs; any bad one makes the whole request a 4xx whose ``detail`` names the
   file and the problem (400 empty or no files, 413 too large, too many files or a decompression
   bomb, 415 not an image, 422 an image that cannot be decoded). Never a 500 for an upload.
@@ -79,7 +80,7 @@ def check_upload(name: str, data: bytes, limits: Limits) -> "np.ndarray":
 def predict_uploads(predictor: Predictor, uploads: list[tuple[str, bytes]], annotate: bool, limits: Limits,
                     top_k: int = 3) -> list[dict]:
     """The API's records for checked uploads: each written under its position into a temporary
-    folder, predicted in one batch, explained and (if asked) drawn."""
+    folder, predicted in one batch, and if ``annotate``, explained and drawn."""
     from .annotate import annotate as draw
     from .outputs import json_record
 
@@ -101,9 +102,9 @@ def predict_uploads(predictor: Predictor, uploads: list[tuple[str, bytes]], anno
         prediction.path = name
         if prediction.error:  # decoded above, so only a poster the models could not take
             raise UploadError(422, f"{name}: {prediction.error}")
-        picture = draw(predictor, prediction, rgb)
+        picture = draw(predictor, prediction, rgb) if annotate else None
         record = json_record(prediction, top_k)
-        if annotate:
+        if picture is not None:
             buffer = io.BytesIO()
             picture.image.save(buffer, format="PNG")
             record["annotated"] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
