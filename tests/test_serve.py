@@ -129,6 +129,12 @@ def test_requests_that_are_not_poster_uploads_get_a_4xx(server: str) -> None:
                          headers={"content-type": "multipart/form-data; boundary=x"})
     assert too_big.status_code == 413 and "request too large" in too_big.json()["detail"]
 
+    def chunks() -> Iterator[bytes]:
+        yield b"--x\r\n"
+
+    chunked = httpx.post(f"{server}/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["detail"]
+
 
 @pytest.mark.slow
 def test_uploads_are_written_only_to_a_temporary_folder_that_goes(server: str, tiny_model: TinyModel, tmp_path: Path) -> None:

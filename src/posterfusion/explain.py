@@ -86,10 +86,9 @@ def explain(predictor: Predictor, rgb: np.ndarray, prediction: Prediction) -> Ex
     objects, faces, expressions, detector_row = Detections.empty(), Detections.empty(), np.zeros((0, len(EXPRESSIONS))), None
     if models.detectors is not None:
         prepared = [models.detectors.preparer(rgb)]
-        rows, evidence = models.detectors.assemble(prepared, models.detectors.detect_objects(prepared),
-                                                   models.detectors.detect_faces(prepared))
-        detector_row, found = rows, evidence[0]
-        objects, faces, expressions = _counted(found.objects), found.faces, found.expressions
+        detector_row, evidence = models.detectors.assemble(prepared, models.detectors.detect_objects(prepared),
+                                                           models.detectors.detect_faces(prepared))
+        objects, faces, expressions = _counted(evidence[0].objects), evidence[0].faces, evidence[0].expressions
     text_boxes, text_row = [], None
     if models.text is not None:
         from .detectors import text as text_module

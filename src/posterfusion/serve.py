@@ -9,8 +9,9 @@
   and the annotated picture as a PNG data URL (``?annotate=false``: the records alone, without the
   explanation's extra detector and CNN passes). Every upload is checked
   before the model runs; any bad one makes the whole request a 4xx whose ``detail`` names the
-  file and the problem (400 empty or no files, 413 too large, too many files or a decompression
-  bomb, 415 not an image, 422 an image that cannot be decoded). Never a 500 for an upload.
+  file and the problem (400 empty or no files, 411 no Content-Length, 413 too large, too many
+  files or a decompression bomb, 415 not an image, 422 an image that cannot be decoded). Never a
+  500 for an upload.
 * ``GET /health``: the model folder, its genres and the device, for a readiness probe.
 
 The model is loaded once, when the app is made, and runs one request at a time (a lock: the frozen
@@ -144,7 +145,9 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
     @app.post("/predict")
     async def predict(request: Request, annotate: bool = True) -> dict:
         length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body:
+        if not length.isdigit():  # a chunked body would be spooled to disk before any limit applies
+            raise UploadError(411, "send the request with a Content-Length (browsers, curl and HTTP libraries do)")
+        if int(length) > max_body:
             raise UploadError(413, f"request too large ({int(length) / 2**20:.1f} MB; at most {limits.max_files} files "
                                    f"of {limits.max_file_bytes / 2**20:.0f} MB each)")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
