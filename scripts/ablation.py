@@ -9,7 +9,7 @@ row that uses them pays the same, see bench/run.py).
 
     fusion manifest split labels.csv --val 0.15 --test 0.15 --seed 0 --out split.csv
     python scripts/ablation.py --manifest split.csv --cache CACHE [--seeds 0,10] [--json ablation.json]
-        [--rows prior,detectors-v1,...] [--config configs/default.yaml]
+        [--rows prior,detectors-v1,...] [--config configs/default.yaml] [--threads 1]
 """
 
 from __future__ import annotations
@@ -51,13 +51,18 @@ ROWS = [
     Row("detectors-v1", "detectors only, schema v1", {"mode": "detectors"}, v1_detectors=True),
     Row("detectors", "detectors only, schema v2 (+ layout, cast size)", {"mode": "detectors"}),
     Row("cnn-squash", "cnn only, 224x224 squash", {"mode": "cnn", "backbone_view": SQUASH}),
+    Row("cnn-noflip", "cnn only, 224x320", {"mode": "cnn", "backbone_view": "224x320"}),
     Row("cnn-view", "cnn only, 224x320 + flip", {"mode": "cnn"}),
     Row("fusion-v1", "fusion, 224x224 squash + schema v1 (v1's model)", {"backbone_view": SQUASH}, v1_detectors=True),
     Row("fusion-squash", "fusion, 224x224 squash + schema v2", {"backbone_view": SQUASH}),
+    Row("fusion-noflip", "fusion, 224x320 + schema v2", {"backbone_view": "224x320"}),
     Row("fusion", "fusion, 224x320 + flip + schema v2", {}),
     Row("fusion-posweight-full", "fusion, 224x320 + flip, pos_weight full", {"loss": {"pos_weight": "full"}}),
     Row("cnn-tail", "cnn only, 224x320 + flip, tail fine-tuned", {"mode": "cnn", "finetune": {"enabled": True}}),
     Row("fusion-tail", "fusion, 224x320 + flip, tail fine-tuned", {"finetune": {"enabled": True}}),
+    Row("text", "text only (OCR)", {"mode": "text", "text": True}),
+    Row("fusion-text", "fusion + text, 224x320 + flip", {"text": True}),
+    Row("fusion-tail-text", "fusion + text, 224x320 + flip, tail fine-tuned", {"text": True, "finetune": {"enabled": True}}),
 ]
 
 
@@ -91,6 +96,7 @@ def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache:
         mode = run["mode"]
         cnn = data.table.cnn if mode in ("cnn", "fusion") else None
         det = data.table.detectors if mode in ("detectors", "fusion") else None
+        text = data.table.text if run["text"] and mode in ("text", "fusion") else None
         if det is not None and row.v1_detectors:
             det = det * np.asarray(V1_COLUMNS, np.float32)
         train_idx, val_idx = data.train_idx, data.val_idx
@@ -100,8 +106,9 @@ def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache:
                 cnn, _, tuned = finetuned_embeddings(data, run, cache, Path(tmp), device)
                 fine_tunes.append({"seconds": time.perf_counter() - start, "best_epoch": tuned["best_epoch"],
                                    "joint_val_map": tuned["best_val_map"]})
-        model, _, thresholds, val_scores = fit_and_validate(cnn, det, data.y, train_idx, val_idx, data.genres, run, device)
-        prob = predict_proba(model, None if cnn is None else cnn[test], None if det is None else det[test])
+        model, _, thresholds, val_scores = fit_and_validate(cnn, det, data.y, train_idx, val_idx, data.genres, run,
+                                                            device, text=text)
+        prob = predict_proba(model, *(None if a is None else a[test] for a in (cnn, det, text)))
         scores = metrics.evaluate(data.y[test], prob, thresholds, data.genres)
         scores["val_map"] = val_scores["map"]
         results.append(scores)
@@ -125,21 +132,26 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,10", help="first seed of each seed group")
     parser.add_argument("--rows", default=",".join(["prior"] + [r.key for r in ROWS]))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="PyTorch threads (default: all cores; 1 trains heads far faster on a busy machine)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = load_config(args.config, {"mode": "fusion"})  # fusion needs both feature sets
     device = resolve_device(args.device)
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = args.rows.split(",")
-    datasets: dict[str, TrainingData] = {}
+    datasets: dict[tuple[str, bool], TrainingData] = {}
     summary: dict[str, dict] = {}
     costs: dict[str, float] = {}
 
-    def data_for(view: str) -> TrainingData:
-        if view not in datasets:
-            datasets[view] = prepare_data(args.manifest, args.cache, config | {"backbone_view": view}, args.device)
-        return datasets[view]
+    def data_for(view: str, text: bool = False) -> TrainingData:
+        if (view, text) not in datasets:
+            datasets[view, text] = prepare_data(args.manifest, args.cache, config | {"backbone_view": view, "text": text},
+                                                args.device)
+        return datasets[view, text]
 
     if "prior" in wanted:
         data = data_for(config["backbone_view"])
@@ -152,7 +164,7 @@ def main() -> None:
         if row.key not in wanted:
             continue
         run = merged(config, row.overrides)
-        data = data_for(run["backbone_view"])
+        data = data_for(run["backbone_view"], run["text"])
         print(f"{row.name} ...", flush=True)
         outcome = run_row(row, data, config, seeds, args.cache, device)
         view = run["backbone_view"]
