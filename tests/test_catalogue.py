@@ -28,7 +28,6 @@ from conftest import share_models
 from typer.testing import CliRunner
 
 from helpers import assert_one_line_error, write_poster
-from posterfusion import features
 from posterfusion.cli import fusion_app
 from posterfusion.predict import Prediction, Predictor
 
@@ -82,9 +81,8 @@ def posters_in(out: Path) -> list[str]:
 
 
 def test_stream_gives_batches_in_input_order_as_predict_does(tiny_model: Path, catalogue: list[str],
-                                                             shared_models, monkeypatch, tmp_path: Path) -> None:
+                                                             shared_models, tmp_path: Path) -> None:
     predictor = Predictor(tiny_model, "cpu")
-    monkeypatch.setattr(features, "CHUNK_BATCHES", 2)  # chunks of 6 posters: the boundaries are crossed too
     batches = list(predictor.stream(iter(catalogue + catalogue[:2]), batch_size=3))  # a lazy input, a repeat
     assert [len(b) for b in batches] == [3, 3, 3, 3, 3]
     flat = [p for b in batches for p in b]
@@ -278,15 +276,14 @@ def test_first_rows_come_while_the_run_goes_on(tiny_model: Path, catalogue: list
     """A pipe reader gets rows while the process still waits for more input: nothing is held back
     to the end of the run."""
     batch = 2
-    chunk = features.CHUNK_BATCHES * batch  # what the run reads before it starts
-    paths = (catalogue * (chunk // len(catalogue) + 1))[:chunk]
+    paths = catalogue[:8] * 2  # 8 batches: more than the decoding worker and the models take ahead
     process = subprocess.Popen(_fusion("predict", "--manifest", "-", "--model", tiny_model, "--csv", "--batch-size", batch),
                                cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     try:
-        process.stdin.write("".join(p + "\n" for p in paths))  # one chunk of input, and the pipe left open
+        process.stdin.write("".join(p + "\n" for p in paths))  # some input, and the pipe left open
         process.stdin.flush()
         header, first = lines.get(timeout=300), lines.get(timeout=300)
         assert header.startswith("poster,genres,") and first.startswith(f"{paths[0]},")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -66,8 +67,10 @@ class PosterDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Item:
-        item = Item(self.paths[index])
+    def __getitem__(self, index: int | str) -> Item:
+        """The poster at ``index`` in ``paths``, or the one at the path ``index`` (what a run over a
+        stream of paths sends its workers, the paths being read as it goes)."""
+        item = Item(self.paths[index] if isinstance(index, int) else index)
         try:
             data = read_poster_bytes(item.path)
         except BadImage as exc:
@@ -134,14 +137,19 @@ def default_workers(device: torch.device | str = "cpu") -> int:
     return max(1, min(4, cores - 1))
 
 
-def iterate(dataset: PosterDataset, batch_size: int, workers: int) -> Iterator[list[Item]]:
-    """Batches of prepared items in manifest order, decoded in parallel with inference."""
+def iterate(dataset: PosterDataset, batch_size: int, workers: int,
+            stream: Iterable[str] | None = None) -> Iterator[list[Item]]:
+    """Batches of prepared items in manifest order, decoded in parallel with inference; given
+    ``stream``, of its paths instead, taken from it only as the workers need them (one pool of
+    workers for a whole run, however long: a worker forked again later would copy the pages the
+    models have written since, ~0.7 GB each time)."""
+    indices = iter(stream if stream is not None else range(len(dataset)))
     if workers <= 0:
-        for start in range(0, len(dataset), batch_size):
-            yield [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        while batch := [dataset[i] for i in itertools.islice(indices, batch_size)]:
+            yield batch
         return
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=_collate,
         worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False,
     )
     # Forked workers share the parent's pages until they write to them, and Python's collector
@@ -368,7 +376,7 @@ class BuildSummary:
     failed: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)  # per input path, "" where it failed
+    keys: list[str] | None = field(default_factory=list)  # per input path, "" where it failed
 
     @property
     def posters_per_s(self) -> float:
@@ -384,21 +392,22 @@ def build_cache(paths: list[str], stores: dict[str, "Store"], models: FrozenMode
     return summary
 
 
-def extract_batches(paths: list[str], stores: dict[str, "Store"], models: FrozenModels, summary: BuildSummary,
+def extract_batches(paths: Iterable[str], stores: dict[str, "Store"], models: FrozenModels, summary: BuildSummary,
                     batch_size: int = 32, workers: int | None = None, progress: Progress | None = None,
-                    repeat_duplicates: bool = False, compact: bool = True) -> Iterator[tuple[list[Item], Extracted]]:
+                    repeat_duplicates: bool = False) -> Iterator[tuple[list[Item], Extracted]]:
     """Each batch's items (in input order) with the outputs of the models that ran on them, once
-    its rows are handed to the stores' writer; ``summary`` is filled in as batches pass.
+    its rows are handed to the stores' writer; ``summary`` is filled in as batches pass (its
+    ``keys`` too unless they are None). ``paths`` are read as the run goes: they may be a lazy
+    walk or a pipe.
 
     Items that failed carry their error, cached ones ``cached``; the rest are in the outputs. A
     poster met twice in a run is skipped the second time (its rows are in the stores), unless
     ``repeat_duplicates``: a consumer that takes features from the outputs, not from the stores,
-    gets it computed again. ``compact=False`` leaves the stores' compaction to a caller that runs
-    this over many lists (compacting after each would rewrite the store each time).
+    gets it computed again (and nothing per poster is kept).
     """
     detector_store, backbone_store, text_store = stores.get("detectors"), stores.get("backbone"), stores.get("text")
     dataset = PosterDataset(
-        paths,
+        [],
         models.detectors.preparer if models.detectors else None,
         models.backbone,
         frozenset(detector_store.keys()) if detector_store else frozenset(),
@@ -406,11 +415,13 @@ def extract_batches(paths: list[str], stores: dict[str, "Store"], models: Frozen
         models.text is not None,
         frozenset(text_store.keys()) if text_store else frozenset(),
     )
-    if workers is None:
-        workers = default_workers(models.device) if len(paths) > batch_size else 0
-    seen: set[str] = set()
+    source = iter(paths)
+    first = list(itertools.islice(source, batch_size + 1))
+    if workers is None:  # one batch decodes in the main process sooner than a worker starts
+        workers = default_workers(models.device) if len(first) > batch_size else 0
+    seen: set[str] | None = None if repeat_duplicates else set()
     start = time.perf_counter()
-    batches = iterate(dataset, batch_size, workers)
+    batches = iterate(dataset, batch_size, workers, itertools.chain(first, source))
     # Parquet writes (and their fsync) overlap the next batch's inference; in-memory stores
     # take their rows at once.
     writer = _Writer(background=any(isinstance(store, FeatureStore) for store in stores.values()))
@@ -424,7 +435,8 @@ def extract_batches(paths: list[str], stores: dict[str, "Store"], models: Frozen
                 return
             todo = []
             for item in items:
-                summary.keys.append(item.key if not item.error else "")
+                if summary.keys is not None:
+                    summary.keys.append(item.key if not item.error else "")
                 if item.error:
                     summary.failed += 1
                     summary.failures.append((item.path, item.error))
@@ -432,10 +444,11 @@ def extract_batches(paths: list[str], stores: dict[str, "Store"], models: Frozen
                         progress.failure(item.path, item.error)
                 elif item.cached:
                     summary.cached += 1
-                elif item.key in seen and not repeat_duplicates:
+                elif seen is not None and item.key in seen:
                     summary.skipped += 1
                 else:
-                    seen.add(item.key)
+                    if seen is not None:
+                        seen.add(item.key)
                     todo.append(item)
             yield (items, len(todo)), todo
 
@@ -454,7 +467,7 @@ def extract_batches(paths: list[str], stores: dict[str, "Store"], models: Frozen
             with timed(models.timings, "write"):
                 writer.close()
         summary.seconds = time.perf_counter() - start
-        for store in stores.values() if compact else ():
+        for store in stores.values():
             store.compact()
 
 

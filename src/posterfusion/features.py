@@ -9,21 +9,15 @@ the callers that want every poster at once (training, evaluation).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .cache import StoreLookup, disk_full_reported
+from .cache import StoreLookup
 from .detectors import schema
 from .extract import BuildSummary, Extracted, FrozenModels, Item, Progress, extract_batches, open_stores
-
-CHUNK_BATCHES = 32
-"""Batches read from the input at a time. The input may be a lazy walk or a pipe, and decoding
-workers need a list; each chunk gets fresh workers (a fork, ~0.1 s, against minutes of models)."""
-
 
 @dataclass
 class FeatureTable:
@@ -78,8 +72,9 @@ def stream_features(paths: Iterable[str], models: FrozenModels, cache_dir: str |
     """One :class:`FeatureTable` per batch of ``paths``, in order, as the models finish it.
 
     With a cache, what it lacks is computed and stored as ``detect-cache build`` does, and what it
-    holds is read a row group at a time. Without one nothing is kept: a poster met twice is
-    computed twice, which is rarer and cheaper than holding every poster's features.
+    holds is read a row group at a time. Nothing per poster is kept: a poster met twice in a run is
+    computed twice (unless a cache held it before the run), which is rarer and cheaper than
+    holding every poster's features.
     """
     stores = open_stores(models, cache_dir) if cache_dir is not None else {}
     widths = {}  # columns per kind of feature these models give
@@ -89,19 +84,12 @@ def stream_features(paths: Iterable[str], models: FrozenModels, cache_dir: str |
         widths["backbone"] = models.backbone.dim
     if models.text is not None:
         widths["text"] = len(schema.TEXT_COLUMNS)
-    # One lookup for the run: it indexes the store again only when asked for a key stored since.
     lookups = {kind: StoreLookup(store) for kind, store in stores.items()}
     start = 0
-    source = iter(paths)
-    while chunk := list(itertools.islice(source, CHUNK_BATCHES * batch_size)):
-        summary = BuildSummary()
-        for items, result in extract_batches(chunk, stores, models, summary, batch_size, workers, progress,
-                                             repeat_duplicates=True, compact=False):
-            yield _table(items, result, widths, lookups, start)
-            start += len(items)
-    with disk_full_reported(stores.values()):
-        for store in stores.values():
-            store.compact()
+    for items, result in extract_batches(paths, stores, models, BuildSummary(keys=None), batch_size, workers,
+                                         progress, repeat_duplicates=True):
+        yield _table(items, result, widths, lookups, start)
+        start += len(items)
 
 
 def _table(items: list[Item], result: Extracted, widths: dict[str, int], lookups: dict[str, StoreLookup],
