@@ -168,10 +168,11 @@ def main() -> None:
         print(f"{row.name} ...", flush=True)
         outcome = run_row(row, data, config, seeds, args.cache, device)
         view = run["backbone_view"]
-        if run["mode"] != "detectors" and view not in costs:
+        uses_cnn = run["mode"] in ("cnn", "fusion")
+        if uses_cnn and view not in costs:
             costs[view] = backbone_ms(view, [data.manifest.paths[i] for i in data.table.rows])
         summary[row.name] = {"scores": summarise(outcome["results"]), "fine_tunes": outcome["fine_tunes"],
-                             "backbone_ms": costs.get(view, 0.0) if run["mode"] != "detectors" else 0.0,
+                             "backbone_ms": costs[view] if uses_cnn else 0.0,
                              "seeds": outcome["results"]}
 
     data = next(iter(datasets.values()))
