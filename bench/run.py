@@ -12,12 +12,14 @@ Predictor, the ``fusion`` CLI), on real posters (by default ../shared/data/movie
   process, at two poster counts, with the peak memory of the whole process tree;
 * predict: one poster warm (in process) against the sum of its models' forwards at batch 1, one
   poster cold (a new ``fusion predict`` process), and a batch of 256;
+* predict memory: a catalogue run (``fusion predict --manifest LIST --out FILE.csv``) in a child
+  process at two sizes (``--predict-sizes``, default 500 and 5,000), peak memory of its process tree;
 * train: ``fusion train`` on a cached manifest (by default the 10,000-poster cache);
 * fine-tune images/s (GPU, or ``--finetune``): backbone + head forward/backward, bf16 autocast.
 
 Prints a table and, with ``--json``, writes the figures (keys floor_posters_per_s,
-build_posters_per_s, predict_warm_ms, predict_models_ms, predict_cold_s, help_s, train_s, peak_mb,
-and the details).
+build_posters_per_s, predict_warm_ms, predict_models_ms, predict_cold_s, predict_peak_mb, help_s,
+train_s, peak_mb, and the details).
 """
 
 from __future__ import annotations
@@ -351,6 +353,25 @@ def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int =
     return result
 
 
+def bench_predict_memory(model_dir: Path, paths: list[str], sizes: list[int], batch_size: int, device: str,
+                         tmp: Path) -> dict:
+    """``fusion predict --manifest LIST --out FILE.csv`` (a catalogue run) in a child process per
+    size, with the peak memory of its process tree: flat across sizes when nothing accumulates."""
+    runs = {}
+    for n in sizes:
+        listing = tmp / f"predict-{n}.txt"
+        listing.write_text("\n".join(paths[:n]) + "\n")
+        out = tmp / f"predict-{n}.csv"
+        log(f"fusion predict --out, {n} posters ...")
+        wall, _, peak = run_timed(cli("fusion_app", "predict", "--manifest", str(listing), "--model", str(model_dir),
+                                      "--out", str(out), "--batch-size", str(batch_size), "--device", device),
+                                  poll_memory=True)
+        rows = len(out.read_text().splitlines()) - 1
+        runs[str(n)] = {"posters": n, "rows": rows, "seconds": wall, "posters_per_s": n / wall, "peak_pss_mb": peak}
+        log(f"  {rows} rows, {n / wall:.2f} posters/s (model load included), peak {peak:.0f} MiB (tree PSS)")
+    return runs
+
+
 def bench_finetune(models, items: list, steps: int, batch: int = 64) -> float:
     """Images/s of backbone + head forward and backward (bf16 autocast on a GPU)."""
     import torch
@@ -407,7 +428,8 @@ def main() -> None:
                         help="its feature cache (default /work/cache/gpu10k for the default manifest, else the build's)")
     parser.add_argument("--model", type=Path, default=None, help="model folder for predict (default: the one trained here)")
     parser.add_argument("--finetune", action="store_true", help="also measure fine-tune images/s (always on a GPU)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: help,stages,build,train,predict,finetune")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: help,stages,build,train,predict,predict_memory,finetune")
+    parser.add_argument("--predict-sizes", default="500,5000", help="posters per `fusion predict --out` run whose peak memory is measured")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON (after every part)")
     parser.add_argument("--sweep-workers", default="", help="also build --posters with these worker counts, e.g. 4,8,12")
     args = parser.parse_args()
@@ -479,7 +501,8 @@ def main() -> None:
 
     attempt("train", do_train)
 
-    paths = pick_posters(args.manifest, max(args.posters, stage_posters, 256 + 16))
+    predict_sizes = [int(n) for n in args.predict_sizes.split(",") if n]
+    paths = pick_posters(args.manifest, max(args.posters, stage_posters, 256 + 16, *predict_sizes))
     # The floor: every model on all cores in turn (each at its fastest), not the build's
     # side-by-side stages.
     models = FrozenModels("nanodet", "efficientnet_lite0", str(device), concurrent=False)
@@ -539,6 +562,12 @@ def main() -> None:
         report["predict_models_ms"] = report["predict"]["models_ms"]
         report["predict_cold_s"] = report["predict"]["cold_s"]
 
+    def do_predict_memory() -> None:
+        if model_dir is None:
+            raise RuntimeError("no model: train one (drop --skip train) or pass --model")
+        report["predict_memory"] = bench_predict_memory(model_dir, paths, predict_sizes, batch_size, str(device), tmp)
+        report["predict_peak_mb"] = {n: run["peak_pss_mb"] for n, run in report["predict_memory"].items()}
+
     def do_sweep() -> None:
         for w in [int(x) for x in args.sweep_workers.split(",") if x]:
             log(f"detect-cache build, {args.posters} posters, {w} workers ...")
@@ -549,6 +578,7 @@ def main() -> None:
 
     attempt("build", do_build)
     attempt("predict", do_predict)
+    attempt("predict_memory", do_predict_memory)
     attempt("sweep", do_sweep)
 
     report["load_after"] = os.getloadavg()
@@ -608,6 +638,9 @@ def format_table(r: dict) -> str:
         rows.append(("fusion predict, 1 poster warm", f"{p['warm_ms']:.0f} ms (its models' forwards: {p['models_ms']:.0f} ms, x{p['warm_ms'] / p['models_ms']:.2f})"))
         rows.append(("fusion predict, 1 poster cold (new process)", f"{p['cold_s']:.2f} s"))
         rows.append((f"fusion predict, batch of {p['batch_posters']}", f"{p['batch_s']:.1f} s ({p['batch_posters'] / p['batch_s']:.2f} posters/s)"))
+    for n, run in sorted(r.get("predict_memory", {}).items(), key=lambda kv: int(kv[0])):
+        rows.append((f"peak memory, fusion predict --out over {n} posters",
+                     f"{run['peak_pss_mb']:.0f} MiB (process tree PSS; {run['posters_per_s']:.2f} posters/s with model loading)"))
     if "help_s" in r:
         rows.append(("fusion --help", f"{r['help_s']:.2f} s"))
     if "train" in r:

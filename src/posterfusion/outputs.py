@@ -235,11 +235,11 @@ class ParquetResults:
         import pyarrow.parquet as pq
 
         parts = self._part_files()
-        if not parts:
-            return
-        with atomic_path(self.path) as tmp, pq.ParquetWriter(tmp, self.schema) as writer:
-            for file in ([self.path] if self.path.exists() else []) + parts:
-                source = pq.ParquetFile(file)
-                for group in range(source.num_row_groups):
-                    writer.write_table(source.read_row_group(group))
-        shutil.rmtree(self.parts)
+        if parts:
+            with atomic_path(self.path) as tmp, pq.ParquetWriter(tmp, self.schema) as writer:
+                for file in ([self.path] if self.path.exists() else []) + parts:
+                    source = pq.ParquetFile(file)
+                    for group in range(source.num_row_groups):
+                        writer.write_table(source.read_row_group(group))
+        if self.parts.is_dir():  # merged, or only a killed writer's temporary files
+            shutil.rmtree(self.parts)
