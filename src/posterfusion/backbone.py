@@ -147,11 +147,13 @@ class Backbone:
         batch's when the view flips (onnxruntime where enabled and not training: it normalises
         inside its graph)."""
         if self.flip:
-            both = self._forward(torch.cat([batch, batch.flip(-1)]))
+            both = self.embed_image(torch.cat([batch, batch.flip(-1)]))
             return (both[: len(batch)] + both[len(batch):]) / 2
-        return self._forward(batch)
+        return self.embed_image(batch)
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def embed_image(self, batch: torch.Tensor) -> torch.Tensor:
+        """The network's embedding of exactly these images, whatever the view's mirroring (a caller
+        that runs the two images of a flipping view apart averages them itself)."""
         if self._network is not None and not torch.is_grad_enabled() and batch.dtype == torch.uint8:
             return self._network(batch)
         return self.model(self.normalize(batch))

@@ -228,6 +228,9 @@ class FrozenModels:
             self.text = TextReader(self.torch_threads)
         else:
             self.text = None
+        # A flipping view's mirror image runs in the PyTorch stage: with both images the
+        # onnxruntime stage (NanoDet + backbone) was the slower one by ~40 % (bench/run.py).
+        self.split_views = self.concurrent and self.backbone is not None and self.backbone.flip
         self.timings: dict[str, float] = {}
         self.model_batch = model_batch_size(self.device)
         self._helper = None
@@ -274,8 +277,11 @@ class FrozenModels:
             try:
                 faces = self._faces(out)
                 self._read_text(out)
+                mirrored = self._embed(out, mirrored=True) if self.split_views and out.backbone_items else None
             finally:
                 objects = pending.result()
+        if mirrored is not None:
+            out.embeddings = (out.embeddings + mirrored) / 2
         return tag, self._finish(out, objects, faces)
 
     def _faces(self, out: Extracted) -> list:
@@ -305,14 +311,23 @@ class FrozenModels:
         """The onnxruntime stage: object detections (returned) and embeddings (into ``out``)."""
         objects = self.detectors.detect_objects(out.prepared, self.timings, self.model_batch) if out.detector_items else []
         if self.backbone is not None and out.backbone_items:
-            step = self.model_batch or len(out.backbone_items)
-            embeddings = []
-            with timed(self.timings, "backbone"):
-                for s in range(0, len(out.backbone_items), step):
-                    batch = torch.stack([i.backbone_input for i in out.backbone_items[s : s + step]]).to(self.device)
-                    embeddings.append(self.backbone.embed(batch).float().cpu().numpy())
-            out.embeddings = np.concatenate(embeddings)
+            out.embeddings = self._embed(out, mirrored=False if self.split_views else None)
         return objects
+
+    def _embed(self, out: Extracted, mirrored: bool | None = None) -> np.ndarray:
+        """Embeddings of the batch's backbone items: of the view (None: both images of a flipping
+        view, averaged), or of the poster or its mirror image alone."""
+        step = self.model_batch or len(out.backbone_items)
+        embeddings = []
+        with timed(self.timings, "backbone"):
+            for s in range(0, len(out.backbone_items), step):
+                batch = torch.stack([i.backbone_input for i in out.backbone_items[s : s + step]]).to(self.device)
+                if mirrored is not None:
+                    batch = batch.flip(-1) if mirrored else batch
+                    embeddings.append(self.backbone.embed_image(batch).float().cpu().numpy())
+                else:
+                    embeddings.append(self.backbone.embed(batch).float().cpu().numpy())
+        return np.concatenate(embeddings)
 
 
 def _split(items: list[Item]) -> Extracted:
