@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from posterfusion import metrics
-from posterfusion.config import load_config
+from posterfusion.config import default_config, load_config, merge
 from posterfusion.detectors import schema
 from posterfusion.extract import resolve_device
 from posterfusion.train import (TrainingData, finetuned_embeddings, fit_and_validate, predict_proba, prepare_data,
@@ -35,8 +35,8 @@ from posterfusion.train import (TrainingData, finetuned_embeddings, fit_and_vali
 
 KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")
 SQUASH = "224x224"
-V1_COLUMNS = [not c.startswith(("person_cell_", "persons_", "face_cell_", "faces_")) for c in schema.COLUMNS]
-"""Schema v1 = v2 without the layout and group columns; the others are zeroed (constant: no signal)."""
+V1_MASK = np.isin(schema.COLUMNS, schema.V1_COLUMNS).astype(np.float32)
+"""Schema v2's other columns are zeroed for the v1 rows (constant: no signal)."""
 
 
 @dataclass
@@ -67,9 +67,9 @@ ROWS = [
 
 
 def merged(config: dict, overrides: dict) -> dict:
+    """The config with a row's overrides, checked like a config file's."""
     out = copy.deepcopy(config)
-    for key, value in overrides.items():
-        out[key] = out[key] | value if isinstance(value, dict) else value
+    merge(out, overrides, default_config(), "ablation row")
     return out
 
 
@@ -98,7 +98,7 @@ def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache:
         det = data.table.detectors if mode in ("detectors", "fusion") else None
         text = data.table.text if run["text"] and mode in ("text", "fusion") else None
         if det is not None and row.v1_detectors:
-            det = det * np.asarray(V1_COLUMNS, np.float32)
+            det = det * V1_MASK
         train_idx, val_idx = data.train_idx, data.val_idx
         if run["finetune"]["enabled"]:
             with tempfile.TemporaryDirectory() as tmp:

@@ -322,11 +322,8 @@ class FrozenModels:
         with timed(self.timings, "backbone"):
             for s in range(0, len(out.backbone_items), step):
                 batch = torch.stack([i.backbone_input for i in out.backbone_items[s : s + step]]).to(self.device)
-                if mirrored is not None:
-                    batch = batch.flip(-1) if mirrored else batch
-                    embeddings.append(self.backbone.embed_image(batch).float().cpu().numpy())
-                else:
-                    embeddings.append(self.backbone.embed(batch).float().cpu().numpy())
+                embed = self.backbone.embed if mirrored is None else self.backbone.embed_image
+                embeddings.append(embed(batch.flip(-1) if mirrored else batch).float().cpu().numpy())
         return np.concatenate(embeddings)
 
 

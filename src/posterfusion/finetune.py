@@ -28,6 +28,7 @@ from .extract import PosterDataset, default_workers, iterate
 from .images import BadImage, decode_bytes, read_poster_bytes
 from .loop import FitResult, Schedule, fit
 from .model import FusionHead
+from .train import loss_function
 
 BACKBONE_FILE = "backbone.safetensors"
 
@@ -66,12 +67,6 @@ def _optimizer(backbone_params, head: FusionHead, config: dict) -> torch.optim.O
         {"params": list(backbone_params), "lr": settings["lr_backbone"]},
         {"params": head.parameters(), "lr": settings["lr_head"]},
     ], weight_decay=config["optim"]["weight_decay"])
-
-
-def _loss(y_train: np.ndarray, config: dict, device: torch.device) -> torch.nn.Module:
-    from .train import loss_function
-
-    return loss_function(y_train, config, device)
 
 
 def _train_mode_frozen_bn(model: torch.nn.Module) -> None:
@@ -184,7 +179,7 @@ def _tail(backbone: Backbone, paths, det, text, y, train_idx, val_idx, head: Fus
         return metrics.mean_average_precision(y[val_idx], np.concatenate(out))
 
     optimizer = _optimizer(tail.parameters(), head, config)
-    result = fit(model, batches, validate, _loss(y[train_idx], config, device), optimizer,
+    result = fit(model, batches, validate, loss_function(y[train_idx], config, device), optimizer,
                  Schedule(settings["epochs"], config["optim"]["patience"]), on_epoch=on_epoch,
                  train_mode=_train_mode_frozen_bn, score_start=True)
     with torch.inference_mode():
@@ -273,7 +268,7 @@ def _end_to_end(backbone: Backbone, paths, det, text, y, train_idx, val_idx, hea
         return metrics.mean_average_precision(np.concatenate(truth), np.concatenate(out))
 
     optimizer = _optimizer(backbone.model.parameters(), head, config)
-    result = fit(model, batches, validate, _loss(y[train_idx], config, device), optimizer,
+    result = fit(model, batches, validate, loss_function(y[train_idx], config, device), optimizer,
                  Schedule(settings["epochs"], config["optim"]["patience"], "cuda" if amp else None),
                  on_epoch=on_epoch, train_mode=_train_mode_frozen_bn, score_start=True)
     return result, None

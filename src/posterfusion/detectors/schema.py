@@ -12,6 +12,9 @@ carry it, and a mismatch is refused instead of silently mixing features.
 
 from __future__ import annotations
 
+import re
+import zlib
+
 import numpy as np
 
 from .base import COCO_CLASSES, EXPRESSIONS, Detections
@@ -57,6 +60,8 @@ IMAGE_COLUMNS = (
     + [f"img_hue_{k:02d}" for k in range(HUE_BINS)]
 )
 COLUMNS: list[str] = OBJECT_COLUMNS + PERSON_COLUMNS + FACE_COLUMNS + EXPRESSION_COLUMNS + IMAGE_COLUMNS
+V1_COLUMNS = [c for c in COLUMNS if not c.startswith(("person_cell_", "persons_", "face_cell_", "faces_"))]
+"""Schema v1's columns: v2 added the layout and group columns (for comparisons with v1 features)."""
 COUNT_COLUMNS = [c for c in COLUMNS if c.endswith("_count") or c in ("objects_total", "object_classes")]
 """Heavy-tailed columns that a model should log-transform."""
 
@@ -146,8 +151,6 @@ def image_features(rgb: np.ndarray) -> np.ndarray:
 
 def words(text: str) -> list[str]:
     """Lower-cased words of two or more letters, in any script (a non-Latin title still counts)."""
-    import re
-
     return re.findall(r"[^\W\d_]{2,}", text.lower())
 
 
@@ -157,8 +160,6 @@ def text_features(lines: list, detected: int, area: float) -> np.ndarray:
     ``lines`` are :class:`~posterfusion.detectors.text.Line` (text, score, box in fractions);
     ``detected`` and ``area`` count every detected line, read or not.
     """
-    import zlib
-
     joined = " ".join(line.text for line in lines)
     letters = [c for c in joined if c.isalpha()]
     tokens = words(joined)
