@@ -127,7 +127,12 @@ def train_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the config's seed."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Train the fusion head on cached features and save the model with its card."""
+    """Train the fusion head on cached features and save the model with its card.
+
+    A fine-tune runs on several processes under torchrun (one per GPU):
+    torchrun --nproc-per-node N $(which fusion) train ... ; rank 0 reports and writes the model.
+    """
+    from . import distributed
     from .config import load_config
     from .files import check_writable_folder
     from .train import train
@@ -135,13 +140,20 @@ def train_command(
     overrides = {k: v for k, v in (("mode", mode), ("seed", seed)) if v is not None}
     settings = load_config(config, overrides)
     check_writable_folder(out, "--out")
+    if distributed.launched_world() > 1 and not settings["finetune"]["enabled"]:
+        raise PosterFusionError("torchrun: only a fine-tune runs on several processes (finetune.enabled: true "
+                                "in --config); train heads with a plain 'fusion train'")
     console = _console()
 
     def on_epoch(epoch: int, loss: float, val_map: float) -> None:
         console.print(f"epoch {epoch:3d}  loss {loss:.4f}  val mAP {val_map:.4f}", highlight=False)
 
-    with _RichProgress(None, "features") as progress:
-        card = train(manifest, cache, settings, out, device, progress, on_epoch)
+    with distributed.session(device) as device:
+        main = distributed.is_main()
+        with _RichProgress(None, "features") if main else contextlib.nullcontext() as progress:
+            card = train(manifest, cache, settings, out, device, progress, on_epoch if main else None)
+    if card is None:  # a torchrun rank other than 0
+        return
     v, t = card["validation"], card["training"]
     typer.echo(
         f"trained {settings['mode']} on {t['train_posters']} posters (best epochs {t['best_epoch']} of {t['epochs_run']}, "

@@ -11,6 +11,9 @@ the whole tuned backbone as one safetensors file, which gets its own identity: i
 mix with the pretrained one's, and ``fusion predict`` runs it like any other backbone. The heads
 that ship are then fitted on the tuned backbone's embeddings like any frozen ones (an ensemble,
 thresholds on validation), so a fine-tuned model is used exactly like every other.
+
+Under torchrun both scopes train on several processes (``distributed``): each rank takes its
+share of every epoch's posters and of the validation posters; rank 0 alone goes on from there.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import metrics
+from . import distributed, metrics
 from .backbone import Backbone, create_backbone, split_at_last_block
 from .extract import PosterDataset, default_workers, iterate
 from .images import BadImage, decode_bytes, read_poster_bytes
@@ -45,13 +48,18 @@ class Tuned:
 
 def finetune(paths: list[str], det: np.ndarray | None, text: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray,
              val_idx: np.ndarray, head: FusionHead, config: dict, device: torch.device, out_dir: Path,
-             on_epoch: Callable[[int, float, float], None] | None = None) -> Tuned:
-    """Fine-tune from a fitted head in the config's scope; the backbone file is written to ``out_dir``."""
+             on_epoch: Callable[[int, float, float], None] | None = None) -> Tuned | None:
+    """Fine-tune from a fitted head in the config's scope; the backbone file is written to ``out_dir``.
+
+    None on the ranks other than 0 of a torchrun launch: their part ends with the training.
+    """
     backbone = create_backbone(config["backbone"], view=config["backbone_view"]).to(device)
     run = _tail if config["finetune"]["scope"] == "tail" else _end_to_end
     torch.manual_seed(config["seed"])
     fit_result, embeddings = run(backbone, paths, det, text, y, train_idx, val_idx, head.to(device), config, device,
                                  on_epoch)
+    if not distributed.is_main():
+        return None
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,20 +176,23 @@ def _tail(backbone: Backbone, paths, det, text, y, train_idx, val_idx, head: Fus
         return inputs, y_t[idx].to(device)
 
     def batches(epoch: int):
-        order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+        order = distributed.training_share(train_idx[torch.randperm(len(train_idx), generator=generator).numpy()])
         for start in range(0, len(order), settings["batch_size"]):
             yield rows(order[start : start + settings["batch_size"]])
 
     @torch.inference_mode()
     def validate() -> float:
-        out = [torch.sigmoid(model(*rows(val_idx[s : s + 512])[0])).float().cpu().numpy()
-               for s in range(0, len(val_idx), 512)]
-        return metrics.mean_average_precision(y[val_idx], np.concatenate(out))
+        mine = distributed.share(val_idx)
+        out = [torch.sigmoid(model(*rows(mine[s : s + 512])[0])).float().cpu().numpy()
+               for s in range(0, len(mine), 512)]
+        return metrics.mean_average_precision(*distributed.gathered(y[mine], np.concatenate(out)))
 
     optimizer = _optimizer(tail.parameters(), head, config)
-    result = fit(model, batches, validate, loss_function(y[train_idx], config, device), optimizer,
+    result = fit(distributed.wrap(model, device), batches, validate, loss_function(y[train_idx], config, device), optimizer,
                  Schedule(settings["epochs"], config["optim"]["patience"]), on_epoch=on_epoch,
                  train_mode=_train_mode_frozen_bn, score_start=True)
+    if not distributed.is_main():
+        return result, None
     with torch.inference_mode():
         tuned = np.concatenate([model.embed(maps_t[s : s + 512].to(device)).float().cpu().numpy()
                                 for s in range(0, len(maps_t), 512)])
@@ -246,16 +257,20 @@ def _end_to_end(backbone: Backbone, paths, det, text, y, train_idx, val_idx, hea
     def loader(idx: np.ndarray, train: bool) -> torch.utils.data.DataLoader:
         dataset = PosterImages([paths[i] for i in idx], tuple(None if a is None else a[idx] for a in side), y[idx],
                                backbone, train)
-        return torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], shuffle=train,
-                                           num_workers=default_workers(device), collate_fn=collate_readable,
-                                           drop_last=train, generator=torch.Generator().manual_seed(config["seed"]))
+        sampler = distributed.sampler(dataset, config["seed"]) if train else None
+        return torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], shuffle=train and sampler is None,
+                                           sampler=sampler, num_workers=default_workers(device),
+                                           collate_fn=collate_readable, drop_last=train,
+                                           generator=torch.Generator().manual_seed(config["seed"]))
 
-    train_loader, val_loader = loader(train_idx, True), loader(val_idx, False)
+    train_loader, val_loader = loader(train_idx, True), loader(distributed.share(val_idx), False)
 
     def inputs(images: torch.Tensor, *features: torch.Tensor) -> tuple:
         return (images.to(device), *(f.to(device) if a is not None else None for f, a in zip(features, side)))
 
     def batches(epoch: int):
+        if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
         for *batch, target in train_loader:
             yield inputs(*batch), target.to(device)
 
@@ -265,10 +280,10 @@ def _end_to_end(backbone: Backbone, paths, det, text, y, train_idx, val_idx, hea
             for *batch, target in val_loader:
                 out.append(torch.sigmoid(model(*inputs(*batch))).float().cpu().numpy())
                 truth.append(target.numpy())
-        return metrics.mean_average_precision(np.concatenate(truth), np.concatenate(out))
+        return metrics.mean_average_precision(*distributed.gathered(np.concatenate(truth), np.concatenate(out)))
 
     optimizer = _optimizer(backbone.model.parameters(), head, config)
-    result = fit(model, batches, validate, loss_function(y[train_idx], config, device), optimizer,
+    result = fit(distributed.wrap(model, device), batches, validate, loss_function(y[train_idx], config, device), optimizer,
                  Schedule(settings["epochs"], config["optim"]["patience"], "cuda" if amp else None),
                  on_epoch=on_epoch, train_mode=_train_mode_frozen_bn, score_start=True)
     return result, None

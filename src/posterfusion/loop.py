@@ -14,6 +14,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import distributed
+
 Batch = tuple[tuple, torch.Tensor]  # (model inputs, targets)
 
 
@@ -46,11 +48,18 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Batch]], valid
 
     ``train_mode`` puts the model in training mode (e.g. keeping BatchNorm statistics frozen);
     ``score_start`` scores the starting weights first, so a fine-tune never ends worse than it began.
+    A DDP ``model`` (torchrun) is trained by every rank in step, each on its own ``batches``:
+    they keep rank 0's validation score, so all stop at the same epoch with the same weights.
     """
+    in_step = distributed.is_wrapped(model)
+
+    def score() -> float:
+        return distributed.main_value(validate()) if in_step else validate()
+
     history: list[dict] = []
     best_epoch, best_map, state = -1, -1.0, None
     if score_start:
-        best_epoch, best_map, state = 0, validate(), copy.deepcopy(model.state_dict())
+        best_epoch, best_map, state = 0, score(), copy.deepcopy(model.state_dict())
         history.append({"epoch": 0, "val_map": best_map})
     autocast = (torch.autocast(schedule.amp_device, torch.bfloat16) if schedule.amp_device
                 else contextlib.nullcontext())
@@ -67,8 +76,10 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Batch]], valid
             total, seen = total + float(loss.detach()) * len(target), seen + len(target)
         if scheduler is not None:
             scheduler.step()
+        if in_step:
+            total, seen = distributed.summed(total, seen)
         model.eval()
-        val_map = validate()
+        val_map = score()
         history.append({"epoch": epoch, "loss": total / max(seen, 1), "val_map": val_map})
         if on_epoch:
             on_epoch(epoch, total / max(seen, 1), val_map)

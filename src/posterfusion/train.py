@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import metrics
+from . import distributed, metrics
 from .detectors import schema
 from .errors import PosterFusionError
 from .extract import FrozenModels, Progress, resolve_device
@@ -198,10 +198,15 @@ def prepare_data(manifest_path: str | Path, cache_dir: str | Path, config: dict,
 
 def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_dir: str | Path,
           device: str = "auto", progress: Progress | None = None,
-          on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
-    """The whole `fusion train` command as a function; returns the model card."""
+          on_epoch: Callable[[int, float, float], None] | None = None) -> dict | None:
+    """The whole `fusion train` command as a function; returns the model card.
+
+    Under torchrun (a fine-tune on several processes) rank 0 computes the cache's missing rows
+    before the others read it, and alone writes the model; the other ranks return None.
+    """
     start = time.perf_counter()
-    data = prepare_data(manifest_path, cache_dir, config, device, progress)
+    with distributed.main_first():
+        data = prepare_data(manifest_path, cache_dir, config, device, progress)
     manifest, table, genres, y, train_idx, val_idx, models = (
         data.manifest, data.table, data.genres, data.y, data.train_idx, data.val_idx, data.models
     )
@@ -209,7 +214,10 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
     torch_device = resolve_device(device)
     cnn, backbone_identity, finetuned = table.cnn, models.backbone.identity if models.backbone else None, None
     if config["finetune"]["enabled"]:
-        cnn, backbone_identity, finetuned = finetuned_embeddings(data, config, cache_dir, Path(out_dir), torch_device, on_epoch)
+        tuned = finetuned_embeddings(data, config, cache_dir, Path(out_dir), torch_device, on_epoch)
+        if tuned is None:  # a torchrun rank other than 0: its part is done
+            return None
+        cnn, backbone_identity, finetuned = tuned
         keep = ~np.isnan(cnn).any(1)  # posters unreadable since they were cached
         train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
     head, fit, thresholds, validation = fit_and_validate(
@@ -250,10 +258,11 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
 
 def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path | None, out_dir: Path,
                          device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None
-                         ) -> tuple[np.ndarray, dict, dict]:
+                         ) -> tuple[np.ndarray, dict, dict] | None:
     """Fine-tune the backbone (config ``finetune``) from a head fitted on frozen embeddings; return
     the tuned backbone's embeddings of the table's posters (stored in the cache under its own
-    identity), that identity for the model card, and how the fine-tune went."""
+    identity), that identity for the model card, and how the fine-tune went (None on torchrun's
+    ranks other than 0)."""
     from .extract import FrozenModels
     from .features import gather
     from .finetune import finetune
@@ -265,6 +274,8 @@ def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path
     paths = [data.manifest.paths[i] for i in table.rows]
     tuned = finetune(paths, table.detectors, table.text, data.y, data.train_idx, data.val_idx, start, config, device,
                      out_dir, on_epoch)
+    if tuned is None:
+        return None
     models = FrozenModels(None, config["backbone"], str(device), backbone_weights=tuned.backbone_file,
                           backbone_view=config["backbone_view"])
     identity = models.backbone.identity
