@@ -35,7 +35,7 @@ def test_without_torchrun_every_helper_is_the_identity() -> None:
     assert not distributed.active() and distributed.launched_world() == 1 and distributed.is_main()
     assert (distributed.training_share(rows) == rows).all() and (distributed.share(rows) == rows).all()
     assert distributed.gathered(rows)[0] is rows
-    assert distributed.sampler(rows, seed=0) is None
+    assert distributed.sampler(rows, seed=0) is None and distributed.node_share(5) == 5
 
 
 def test_two_ranks_train_what_one_process_trains_with_whole_batches(tmp_path: Path) -> None:

@@ -114,6 +114,12 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
                                    forward_sync_buffers=False)
 
 
+def node_share(workers: int) -> int:
+    """A process's part of the decoding workers a machine has room for: its ranks share its cores."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if active() else 1
+    return max(1, workers // local)
+
+
 def is_wrapped(model: torch.nn.Module) -> bool:
     """Whether every rank trains ``model`` in step (it came from :func:`wrap` under torchrun)."""
     from torch.nn.parallel import DistributedDataParallel

@@ -188,8 +188,8 @@ def _tail(backbone: Backbone, paths, det, text, y, train_idx, val_idx, head: Fus
         return metrics.mean_average_precision(*distributed.gathered(y[mine], np.concatenate(out)))
 
     optimizer = _optimizer(tail.parameters(), head, config)
-    result = fit(distributed.wrap(model, device), batches, validate, loss_function(y[train_idx], config, device), optimizer,
-                 Schedule(settings["epochs"], config["optim"]["patience"]), on_epoch=on_epoch,
+    result = fit(distributed.wrap(model, device), batches, validate, loss_function(y[train_idx], config, device),
+                 optimizer, Schedule(settings["epochs"], config["optim"]["patience"]), on_epoch=on_epoch,
                  train_mode=_train_mode_frozen_bn, score_start=True)
     if not distributed.is_main():
         return result, None
@@ -258,10 +258,12 @@ def _end_to_end(backbone: Backbone, paths, det, text, y, train_idx, val_idx, hea
         dataset = PosterImages([paths[i] for i in idx], tuple(None if a is None else a[idx] for a in side), y[idx],
                                backbone, train)
         sampler = distributed.sampler(dataset, config["seed"]) if train else None
-        return torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], shuffle=train and sampler is None,
-                                           sampler=sampler, num_workers=default_workers(device),
+        workers = distributed.node_share(default_workers(device))
+        seed = config["seed"] + distributed.rank()  # each rank's workers draw their own augmentations
+        return torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], sampler=sampler,
+                                           shuffle=train and sampler is None, num_workers=workers,
                                            collate_fn=collate_readable, drop_last=train,
-                                           generator=torch.Generator().manual_seed(config["seed"]))
+                                           generator=torch.Generator().manual_seed(seed))
 
     train_loader, val_loader = loader(train_idx, True), loader(distributed.share(val_idx), False)
 
@@ -283,7 +285,7 @@ def _end_to_end(backbone: Backbone, paths, det, text, y, train_idx, val_idx, hea
         return metrics.mean_average_precision(*distributed.gathered(np.concatenate(truth), np.concatenate(out)))
 
     optimizer = _optimizer(backbone.model.parameters(), head, config)
-    result = fit(distributed.wrap(model, device), batches, validate, loss_function(y[train_idx], config, device), optimizer,
-                 Schedule(settings["epochs"], config["optim"]["patience"], "cuda" if amp else None),
+    result = fit(distributed.wrap(model, device), batches, validate, loss_function(y[train_idx], config, device),
+                 optimizer, Schedule(settings["epochs"], config["optim"]["patience"], "cuda" if amp else None),
                  on_epoch=on_epoch, train_mode=_train_mode_frozen_bn, score_start=True)
     return result, None
