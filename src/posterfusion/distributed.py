@@ -79,10 +79,10 @@ def session(device: str) -> Iterator[str]:
             raise PosterFusionError(f"torchrun: LOCAL_RANK {local} but {torch.cuda.device_count()} GPU(s) visible; "
                                     "start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local)
-        device, backend = f"cuda:{local}", "nccl"
+        device, backend, bound = f"cuda:{local}", "nccl", torch.device("cuda", local)
     else:
-        device, backend = "cpu", "gloo"
-    dist.init_process_group(backend, timeout=WAIT)
+        device, backend, bound = "cpu", "gloo", None
+    dist.init_process_group(backend, timeout=WAIT, device_id=bound)
     try:
         yield device
         dist.barrier()
