@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -64,3 +66,23 @@ def assert_figure_has_content(path: Path, min_coloured: float = 0.001) -> None:
         rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
     coloured = (rgb.max(axis=2) - rgb.min(axis=2) > 60).mean()
     assert coloured >= min_coloured, f"{path}: only {coloured:.2%} of the figure is drawn in colour"
+
+
+def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start ``command`` in a session of its own and SIGKILL it with its children as soon as
+    ``ready()`` (e.g. its first batch is committed); fails if it ended first or was never ready."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert process.poll() is None, "the command ended before it could be killed"
+            assert time.monotonic() < deadline, f"not ready to be killed within {timeout} s"
+            time.sleep(0.02)
+        still_running = process.poll() is None
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert still_running and process.returncode == -signal.SIGKILL

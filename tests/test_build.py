@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import assert_one_line_error, tmpfs, write_poster
+from helpers import assert_one_line_error, kill_when, tmpfs, write_poster
 from typer.testing import CliRunner
 
 from posterfusion.cache import list_stores
@@ -389,21 +388,8 @@ def test_build_killed_halfway_resumes_to_the_same_cache(real_manifest: Path, tmp
 
     # Same command into another cache, killed with SIGKILL (it and its decoding workers) as soon as
     # the first batch is committed.
-    process = subprocess.Popen(_cli_command(real_manifest, resumed, limit, batch_size), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(resumed.glob("detectors-*/part-*.parquet")):
-            assert process.poll() is None, "build ended before it could be killed"
-            assert time.monotonic() < deadline, "no batch committed within 300 s"
-            time.sleep(0.02)
-        still_running = process.poll() is None
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    assert still_running and process.returncode == -signal.SIGKILL
+    kill_when(_cli_command(real_manifest, resumed, limit, batch_size), REPO,
+              lambda: bool(list(resumed.glob("detectors-*/part-*.parquet"))))
     partial = cache_contents(resumed)
     detector_rows = next(len(rows) for name, rows in partial.items() if name.startswith("detectors-"))
     assert 0 < detector_rows < limit

@@ -26,8 +26,8 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -54,6 +54,7 @@ class FeatureStore:
     kind: str  # "detectors" or "backbone"
     identity: dict
     columns: list[str]
+    filesystem: Any = None  # a pyarrow filesystem where the folder is not local (:class:`UriStore`)
 
     @property
     def wide(self) -> bool:
@@ -62,7 +63,11 @@ class FeatureStore:
 
     @classmethod
     def open(cls, root: str | Path, kind: str, identity: dict, columns: list[str]) -> "FeatureStore":
-        """Open the store for this identity, creating it if the cache does not hold it yet."""
+        """Open the store for this identity, creating it if the cache does not hold it yet; a
+        ``root`` URI (``s3://``, ``gs://``, ``hdfs://``...) opens a :class:`UriStore` there."""
+        if is_uri(root):
+            return UriStore.open(root, kind, identity, columns)
+        root = local_root(root)
         folder = Path(root) / f"{kind}-{identity_digest(identity)}"
         meta = folder / IDENTITY_FILE
         if meta.is_file():
@@ -72,9 +77,7 @@ class FeatureStore:
         else:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(meta, json.dumps(
-                    {"kind": kind, "identity": identity, "columns": columns, "created": time.time()}, indent=2
-                ))
+                write_text_atomic(meta, _meta_json(kind, identity, columns))
             except OSError as exc:
                 error = DiskFull if is_disk_full(exc) else PosterFusionError  # exit 1 or 2
                 raise error(f"{root}: cannot create a cache store there ({exc.strerror or exc})") from None
@@ -101,7 +104,7 @@ class FeatureStore:
         for _ in range(READ_ATTEMPTS):
             parts = self.parts()
             try:
-                tables = [pq.read_table(p, columns=columns) for p in parts]
+                tables = [pq.read_table(str(p), columns=columns, filesystem=self.filesystem) for p in parts]
             except FileNotFoundError:
                 continue
             # promote: parts written before a store gained its optional ``note`` column lack it
@@ -111,8 +114,11 @@ class FeatureStore:
     def append(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None) -> None:
         """Write one batch atomically as a new part; ``notes`` is a string per row to keep beside
         the values (the text detector's lines read, shown as evidence)."""
-        if not keys:
-            return
+        if keys:
+            self._write_part(self.table(keys, paths, values, notes), uuid.uuid4().hex[:8])
+
+    def table(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None):
+        """One batch's rows as a part's pyarrow table."""
         import pyarrow as pa
 
         values = np.ascontiguousarray(values, dtype=np.float32)
@@ -125,7 +131,7 @@ class FeatureStore:
             arrays["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), len(self.columns))
         if notes is not None:
             arrays["note"] = pa.array(notes, pa.string())
-        self._write_part(pa.table(arrays), uuid.uuid4().hex[:8])
+        return pa.table(arrays)
 
     def _write_part(self, table, tag: str) -> None:
         import pyarrow.parquet as pq
@@ -266,6 +272,105 @@ class StoreLookup:
                 self.groups.popitem(last=False)
         self.groups.move_to_end((part, group))
         return self.groups[(part, group)]
+
+
+@dataclass
+class UriStore(FeatureStore):
+    """A store on shared storage named by a URI (``s3://``, ``gs://``, ``hdfs://``, or any scheme
+    fsspec knows), for a build on a Ray cluster; the same folder name, identity file and parts as
+    a local store, written through pyarrow's filesystems.
+
+    A part is written under a hidden name and then moved to its own, so listings never show half
+    of one (an object store's copy appears whole). Nothing is compacted: no lock reaches across
+    machines, and readers drop duplicate keys anyway. A killed writer's hidden file stays (no pid
+    says whether its writer lives on another machine); it is never read.
+    """
+
+    @classmethod
+    def open(cls, root: str | Path, kind: str, identity: dict, columns: list[str]) -> "UriStore":
+        from pyarrow.fs import FileType
+
+        try:
+            filesystem, base = uri_filesystem(str(root))
+            store = cls(PurePosixPath(base) / f"{kind}-{identity_digest(identity)}", kind, identity, columns, filesystem)
+            meta = store.folder / IDENTITY_FILE
+            if filesystem.get_file_info(str(meta)).type == FileType.File:
+                with filesystem.open_input_stream(str(meta)) as handle:
+                    stored = json.loads(handle.read())
+                if stored.get("identity") != identity or stored.get("columns") != columns:
+                    raise PosterFusionError(f"{root}/{meta.parent.name}: identity does not match its folder name; remove that folder")
+            else:
+                filesystem.create_dir(str(store.folder), recursive=True)
+                store._put(meta, lambda tmp: _write_bytes(filesystem, tmp, _meta_json(kind, identity, columns).encode()))
+        except (OSError, ValueError) as exc:
+            raise PosterFusionError(f"{root}: cannot open a cache store there ({exc})") from None
+        return store
+
+    def parts(self) -> list[PurePosixPath]:
+        from pyarrow.fs import FileSelector, FileType
+
+        found = self.filesystem.get_file_info(FileSelector(str(self.folder), allow_not_found=True))
+        return sorted(PurePosixPath(info.path) for info in found
+                      if info.type == FileType.File and PurePosixPath(info.path).match("part-*.parquet"))
+
+    def _write_part(self, table, tag: str) -> None:
+        import pyarrow.parquet as pq
+
+        final = self.folder / f"part-{time.time_ns():020d}-{tag}.parquet"
+        self._put(final, lambda tmp: pq.write_table(table, tmp, filesystem=self.filesystem, row_group_size=ROW_GROUP_ROWS))
+
+    def _put(self, final: PurePosixPath, write) -> None:
+        """``write(path)`` to a hidden name beside ``final``, then moved there; removed on failure."""
+        tmp = str(final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"))
+        try:
+            write(tmp)
+            self.filesystem.move(tmp, str(final))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.filesystem.delete_file(tmp)
+            raise
+
+    def compact(self, force: bool = False) -> None:
+        """Nothing: see the class's docstring."""
+
+
+def is_uri(root: str | Path) -> bool:
+    """Whether a cache is named by a URI of a filesystem that is not the local one."""
+    scheme, sep, _ = str(root).partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme != "file"
+
+
+def local_root(root: str | Path) -> Path:
+    """A local cache folder, given as a path or a ``file://`` URI."""
+    return Path(str(root)[len("file://"):]) if str(root).startswith("file://") else Path(root)
+
+
+def uri_filesystem(uri: str):
+    """The pyarrow filesystem of a URI and the path inside it: pyarrow's own (s3, gs, hdfs, abfs)
+    where it has one, else fsspec's wrapped for pyarrow."""
+    from pyarrow import ArrowInvalid
+    from pyarrow.fs import FileSystem, FSSpecHandler, PyFileSystem
+
+    try:
+        return FileSystem.from_uri(uri)
+    except ArrowInvalid:
+        import fsspec
+
+        try:
+            filesystem, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as exc:
+            raise PosterFusionError(f"{uri}: no filesystem for this URI ({exc})") from None
+        return PyFileSystem(FSSpecHandler(filesystem)), path
+
+
+def _write_bytes(filesystem, path: str, data: bytes) -> None:
+    with filesystem.open_output_stream(path) as handle:
+        handle.write(data)
+
+
+def _meta_json(kind: str, identity: dict, columns: list[str]) -> str:
+    """A store's ``_identity.json``."""
+    return json.dumps({"kind": kind, "identity": identity, "columns": columns, "created": time.time()}, indent=2)
 
 
 @contextlib.contextmanager

@@ -74,7 +74,8 @@ class _RichProgress:
 @user_errors
 def build(
     source: Path = typer.Argument(..., help="Manifest CSV (poster, genres) or a folder of images."),
-    cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="Cache folder (created if new)."),
+    cache: str = typer.Option(str(DEFAULT_CACHE), "--cache",
+                              help="Cache folder (created if new); with --ray also a URI: s3://, gs://, hdfs://..."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N posters."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Posters per model batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -82,19 +83,38 @@ def build(
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="CNN whose embeddings are cached too, or 'none'."),
     view: str = typer.Option("224x320+flip", "--view", help="The CNN's input: WIDTHxHEIGHT, +flip to average in the mirror image."),
     text: bool = typer.Option(False, "--text", help="Also read text off the posters (OCR; ~3x the build's cost)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding workers (default: spare cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0,
+                                          help="Decoding workers (default: spare cores); with --ray, decoding tasks in flight."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS",
+                                      help="Run on Ray: local (start one here), auto (the running one), HOST:PORT or ray://HOST:PORT."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1,
+                                              help="With --ray: model actors (default: one per GPU, else per CPU)."),
 ) -> None:
     """Build (or complete) the feature cache for a manifest or a folder of posters."""
-    from .extract import FrozenModels, build_cache, open_stores
+    from .cache import is_uri
     from .manifest import load_manifest
 
+    if is_uri(cache) and ray is None:
+        raise PosterFusionError(f"--cache {cache}: a URI needs --ray; give a local folder")
     manifest = load_manifest(source).head(limit)
-    models = FrozenModels(objects, None if backbone == "none" else backbone, device, backbone_view=view, text=text)
-    with _RichProgress(len(manifest), "detect-cache") as progress:
-        summary = build_cache(manifest.paths, open_stores(models, cache), models, batch_size, workers, progress)
+    backbone_name = None if backbone == "none" else backbone
+    if ray is not None:
+        from .ray_build import RayBuild
+
+        with RayBuild(cache, ray, objects, backbone_name, view, text, device, ray_workers, workers) as on_ray:
+            with _RichProgress(len(manifest), "detect-cache") as progress:
+                summary = on_ray.run(manifest.paths, batch_size, progress)
+        where = str(on_ray)
+    else:
+        from .extract import FrozenModels, build_cache, open_stores
+
+        models = FrozenModels(objects, backbone_name, device, backbone_view=view, text=text)
+        with _RichProgress(len(manifest), "detect-cache") as progress:
+            summary = build_cache(manifest.paths, open_stores(models, cache), models, batch_size, workers, progress)
+        where = models.device
     typer.echo(
         f"{len(manifest)} posters: {summary.done} done, {summary.cached} cached, {summary.skipped} skipped "
-        f"(duplicates), {summary.failed} failed; {summary.posters_per_s:.1f} posters/s on {models.device} -> {cache}"
+        f"(duplicates), {summary.failed} failed; {summary.posters_per_s:.1f} posters/s on {where} -> {cache}"
     )
 
 

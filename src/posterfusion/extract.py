@@ -417,16 +417,8 @@ def extract_batches(paths: Iterable[str], stores: dict[str, "Store"], models: Fr
     ``repeat_duplicates``: a consumer that takes features from the outputs, not from the stores,
     gets it computed again (and nothing per poster is kept).
     """
-    detector_store, backbone_store, text_store = stores.get("detectors"), stores.get("backbone"), stores.get("text")
-    dataset = PosterDataset(
-        [],
-        models.detectors.preparer if models.detectors else None,
-        models.backbone,
-        frozenset(detector_store.keys()) if detector_store else frozenset(),
-        frozenset(backbone_store.keys()) if backbone_store else frozenset(),
-        models.text is not None,
-        frozenset(text_store.keys()) if text_store else frozenset(),
-    )
+    dataset = poster_dataset(stores, models.detectors.preparer if models.detectors else None, models.backbone,
+                             models.text is not None)
     source = iter(paths)
     first = list(itertools.islice(source, batch_size + 1))
     if workers is None:  # one batch decodes in the main process sooner than a worker starts
@@ -434,9 +426,6 @@ def extract_batches(paths: Iterable[str], stores: dict[str, "Store"], models: Fr
     seen: set[str] | None = None if repeat_duplicates else set()
     start = time.perf_counter()
     batches = iterate(dataset, batch_size, workers, itertools.chain(first, source))
-    # Parquet writes (and their fsync) overlap the next batch's inference; in-memory stores
-    # take their rows at once.
-    writer = _Writer(background=any(isinstance(store, FeatureStore) for store in stores.values()))
 
     def todo_batches() -> Iterator[tuple[tuple[list[Item], int], list[Item]]]:
         """Each batch's posters that need the models, tagged (the batch's items, how many to do)."""
@@ -445,29 +434,59 @@ def extract_batches(paths: Iterable[str], stores: dict[str, "Store"], models: Fr
                 items = next(batches, None)
             if items is None:
                 return
-            todo = []
-            for item in items:
-                if summary.keys is not None:
-                    summary.keys.append(item.key if not item.error else "")
-                if item.error:
-                    summary.failed += 1
-                    summary.failures.append((item.path, item.error))
-                    if progress:
-                        progress.failure(item.path, item.error)
-                elif item.cached:
-                    summary.cached += 1
-                elif seen is not None and item.key in seen:
-                    summary.skipped += 1
-                else:
-                    if seen is not None:
-                        seen.add(item.key)
-                    todo.append(item)
+            todo = take_todo(items, summary, progress, seen)
             yield (items, len(todo)), todo
 
+    yield from commit_batches(models.stream(todo_batches()), stores, summary, progress, models.timings, start)
+
+
+def poster_dataset(stores: dict[str, "Store"], preparer: Preparer | None, backbone: Backbone | None,
+                   read_text: bool) -> PosterDataset:
+    """A dataset that prepares only what ``stores`` lack (their keys read once, now)."""
+    done = {kind: frozenset(stores[kind].keys()) if kind in stores else frozenset()
+            for kind in ("detectors", "backbone", "text")}
+    return PosterDataset([], preparer, backbone, done["detectors"], done["backbone"], read_text, done["text"])
+
+
+def take_todo(items: list[Item], summary: BuildSummary, progress: Progress | None = None,
+              seen: set[str] | None = None) -> list[Item]:
+    """A batch's items the models must run on, each item counted in ``summary`` (its key kept
+    unless ``summary.keys`` is None) and a failure reported to ``progress`` as it is met; a key
+    already in ``seen`` is a duplicate (skipped), and the others are added to it."""
+    todo = []
+    for item in items:
+        if summary.keys is not None:
+            summary.keys.append(item.key if not item.error else "")
+        if item.error:
+            summary.failed += 1
+            summary.failures.append((item.path, item.error))
+            if progress:
+                progress.failure(item.path, item.error)
+        elif item.cached:
+            summary.cached += 1
+        elif seen is not None and item.key in seen:
+            summary.skipped += 1
+        else:
+            if seen is not None:
+                seen.add(item.key)
+            todo.append(item)
+    return todo
+
+
+def commit_batches(results: Iterable[tuple[tuple[list[Item], int], Extracted]], stores: dict[str, "Store"],
+                   summary: BuildSummary, progress: Progress | None, timings: dict[str, float],
+                   start: float) -> Iterator[tuple[list[Item], Extracted]]:
+    """Hands each ``((items, done), outputs)`` batch's rows to the stores' writer, counts it and
+    yields it; then times the run from ``start`` and compacts the stores. Every build (local or on
+    Ray) commits through here, so their parts and their reports are the same."""
+    detector_store, backbone_store, text_store = stores.get("detectors"), stores.get("backbone"), stores.get("text")
+    # Parquet writes (and their fsync) overlap the next batch's inference; in-memory stores
+    # take their rows at once.
+    writer = _Writer(background=any(isinstance(store, FeatureStore) for store in stores.values()))
     with disk_full_reported(stores.values()):
         try:
-            for (items, done), result in models.stream(todo_batches()):
-                with timed(models.timings, "write"):  # only the wait for the previous batch's write
+            for (items, done), result in results:
+                with timed(timings, "write"):  # only the wait for the previous batch's write
                     writer.submit(_append, detector_store, result.detector_items, result.features)
                     writer.submit(_append, backbone_store, result.backbone_items, result.embeddings)
                     writer.submit(_append, text_store, result.text_items, result.text_features, result.notes)
@@ -476,7 +495,7 @@ def extract_batches(paths: Iterable[str], stores: dict[str, "Store"], models: Fr
                     progress.advance(len(items))
                 yield items, result
         finally:
-            with timed(models.timings, "write"):
+            with timed(timings, "write"):
                 writer.close()
         summary.seconds = time.perf_counter() - start
         for store in stores.values():
