@@ -6,7 +6,8 @@ with `--ray local --ray-workers N` for each N, each a fresh cache in its own pro
 Prints a table: the whole command's wall time (start-up and model loading included: Ray's start,
 its actors loading their models), the rate the command reports (local: over the build, models
 loaded; Ray: from the pipeline's start, the actors' start-up included), and the peak memory of
-the process tree (Ray's own processes are not in the tree; psutil where installed).
+the process tree (psutil where installed; `--ray local` starts Ray's processes, actors included,
+as the command's descendants, so they are in it).
 """
 
 from __future__ import annotations
