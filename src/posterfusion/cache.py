@@ -114,11 +114,8 @@ class FeatureStore:
     def append(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None) -> None:
         """Write one batch atomically as a new part; ``notes`` is a string per row to keep beside
         the values (the text detector's lines read, shown as evidence)."""
-        if keys:
-            self._write_part(self.table(keys, paths, values, notes), uuid.uuid4().hex[:8])
-
-    def table(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None):
-        """One batch's rows as a part's pyarrow table."""
+        if not keys:
+            return
         import pyarrow as pa
 
         values = np.ascontiguousarray(values, dtype=np.float32)
@@ -131,7 +128,7 @@ class FeatureStore:
             arrays["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), len(self.columns))
         if notes is not None:
             arrays["note"] = pa.array(notes, pa.string())
-        return pa.table(arrays)
+        self._write_part(pa.table(arrays), uuid.uuid4().hex[:8])
 
     def _write_part(self, table, tag: str) -> None:
         import pyarrow.parquet as pq
