@@ -89,7 +89,8 @@ def test_api_predicts_real_posters_with_the_fields_of_predict_json(server: str, 
         assert picture.format == "PNG" and picture.height >= 560 and picture.width > 1000
     plain = post(server, [("p.jpg", posters[0].read_bytes())], annotate="false").json()["results"][0]
     assert "annotated" not in plain and "explanation" not in plain["evidence"]  # what predict --json prints
-    assert plain["probabilities"] == results[0]["probabilities"]
+    # the same poster alone instead of in a batch of two: equal but for float rounding in batched kernels
+    assert plain["probabilities"] == pytest.approx(results[0]["probabilities"], abs=1e-5)
 
 
 def bomb(side: int) -> bytes:
