@@ -10,7 +10,7 @@ test time is printed too, as the ceiling a perfect title reader would reach.
     fusion manifest split labels.csv --val 0.15 --test 0.15 --seed 0 --out split.csv
     detect-cache build split.csv --cache CACHE                    # features of every poster
     detect-cache build valtest.csv --cache CACHE --text           # OCR of split.csv's val and test rows
-    python scripts/text_late_fusion.py --manifest split.csv --cache CACHE [--seeds 0,10] [--threads 2]
+    python scripts/text_late_fusion.py --manifest split.csv --cache CACHE [--seeds 0,10] [--threads 1]
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from posterfusion.train import fit_and_validate, predict_proba, prepare_data, sp
 WEIGHTS = np.arange(0.0, 0.61, 0.05)
 
 
-def scores(p: np.ndarray) -> np.ndarray:
-    return logit(p.clip(1e-6, 1 - 1e-6))
+def mixed(w: float, image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Probabilities from the two models' logits, ``(1 - w) * image + w * text``."""
+    return expit((1 - w) * logit(image.clip(1e-6, 1 - 1e-6)) + w * logit(text.clip(1e-6, 1 - 1e-6)))
 
 
 def main() -> None:
@@ -78,9 +79,6 @@ def main() -> None:
         image_val, image_test = (predict_proba(model, table.cnn[r], table.detectors[r]) for r in (val, test))
         rows["fusion"].append(metrics.evaluate(y[test], image_test, thresholds, data.genres))
         for name, (text_val, text_test) in inputs.items():
-            def mixed(w: float, image: np.ndarray, text: np.ndarray) -> np.ndarray:
-                return expit((1 - w) * scores(image) + w * scores(text))
-
             w = max(WEIGHTS, key=lambda w: metrics.mean_average_precision(y[val], mixed(w, image_val, text_val)))
             tuned = metrics.tune_thresholds(y[val], mixed(w, image_val, text_val))
             result = metrics.evaluate(y[test], mixed(w, image_test, text_test), tuned, data.genres)
