@@ -93,12 +93,16 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def trained(real_cache, frozen_models, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """`fusion train` once, on the real training posters (all cached: no detector runs)."""
-    model = tmp_path_factory.mktemp("trained") / "model"
+    """`fusion train` once, on the real training posters (all cached: no detector runs). The head
+    alone: the word model, which reads text off every poster predicted, has tests of its own
+    (test_words.py)."""
+    folder = tmp_path_factory.mktemp("trained")
+    model, config = folder / "model", folder / "head_only.yaml"
+    config.write_text("words:\n  enabled: false\n")
     with pytest.MonkeyPatch.context() as mp:
         share_models(mp)
         result = invoke("train", "--manifest", real_cache.train_manifest, "--cache", real_cache.cache,
-                        "--out", model, "--seed", 0)
+                        "--out", model, "--seed", 0, "--config", config)
     assert result.exit_code == 0, result.output
     card = json.loads((model / "card.json").read_text())
     return Trained(model, real_cache.cache, result.stdout, result.stderr, card)

@@ -180,6 +180,12 @@ def train_command(
         f"{t['seconds']:.0f} s): val mAP {v['map']:.3f} (prior {v['prior_map']:.3f}), micro-F1 {v['micro_f1']:.3f}, "
         f"macro-F1 {v['macro_f1']:.3f}, top-n {v['top_n_accuracy']:.3f} -> {out}"
     )
+    words = card.get("words")
+    if words and words["fitted"]:
+        typer.echo(f"word model: {words['vocabulary']} words from the titles, weight {words['weight']:.2f} "
+                   f"(val mAP {words['val_map_head']:.3f} without it, {words['val_map_mixed']:.3f} with it)")
+    elif words:
+        typer.echo(f"no word model: {words['why']}")
 
 
 class _PredictReport:

@@ -67,6 +67,7 @@ RANGES: dict[str, Range] = {
     "finetune.batch_size": AT_LEAST_ONE,
     "finetune.lr_backbone": POSITIVE,
     "finetune.lr_head": POSITIVE,
+    "words.C": POSITIVE,
 }
 """Allowed ranges of numeric keys (dotted names); keys not listed are checked by type only."""
 

@@ -12,7 +12,7 @@ from .extract import Progress
 from .features import gather
 from .manifest import load_manifest
 from .predict import Predictor
-from .train import label_matrix, predict_proba
+from .train import label_matrix
 
 
 def evaluate_manifest(manifest_path: str | Path, predictor: Predictor, cache_dir: str | Path | None = None,
@@ -35,7 +35,7 @@ def evaluate_manifest(manifest_path: str | Path, predictor: Predictor, cache_dir
     table = gather(manifest.paths, predictor.models, cache_dir, progress=progress)
     if not len(table.rows):
         raise PosterFusionError(f"{manifest_path}: none of its posters could be read")
-    probs = predict_proba(predictor.head, table.cnn, table.detectors, table.text)
+    probs = predictor.probabilities(table)
     y = label_matrix(manifest, table.rows, genres)
     result = metrics.evaluate(y, probs, predictor.thresholds, genres)
     frequency = predictor.card.get("train_genre_frequency")

@@ -20,6 +20,7 @@ from .features import FeatureTable, stream_features
 from .model import CARD_FILE, load_model
 from .train import predict_proba
 from .weights import objects_from_card, weights_dir
+from .words import WordModel
 
 DEFAULT_MODEL = "default_model"
 
@@ -67,6 +68,7 @@ class Predictor:
             text=bool(self.card.get("text")),
         )
         check_compatible(self.card, self.models, self.model_dir)
+        self.words = WordModel.load(self.model_dir) if (self.card.get("words") or {}).get("fitted") else None
         self.genres: list[str] = self.card["genres"]
         self.thresholds = np.asarray(self.card["thresholds"], np.float32)
 
@@ -86,9 +88,17 @@ class Predictor:
         """One :class:`Prediction` per path, in order (:meth:`stream`, joined)."""
         return [p for batch in self.stream(paths, cache_dir, batch_size, progress) for p in batch]
 
+    def probabilities(self, table: FeatureTable) -> np.ndarray:
+        """Genre probabilities of a batch's posters with features: the head's, moved by the word
+        model's reading of their text where the model has one."""
+        if not len(table.rows):
+            return np.zeros((0, len(self.genres)), np.float32)
+        probs = predict_proba(self.head, table.cnn, table.detectors, table.text)
+        return probs if self.words is None else self.words.mix(probs, table.text_read)
+
     def _predictions(self, table: FeatureTable) -> list[Prediction]:
-        """The head and the thresholds on one batch of features."""
-        probs = predict_proba(self.head, table.cnn, table.detectors, table.text) if len(table.rows) else np.zeros((0, len(self.genres)))
+        """The model and the thresholds on one batch of features."""
+        probs = self.probabilities(table)
         out = [Prediction(p) for p in table.paths]
         for position, reason in table.errors().items():
             out[position - table.start].error = reason

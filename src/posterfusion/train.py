@@ -24,6 +24,7 @@ from .features import FeatureTable, gather
 from .manifest import Manifest, load_manifest
 from .loop import Schedule, fit
 from .model import FusionEnsemble, FusionHead, HeadConfig, save_model
+from .words import WORDS_FILE, WordModel
 
 def models_for(config: dict, device: str = "auto") -> FrozenModels:
     """The frozen models a config's mode needs (detectors, backbone or both)."""
@@ -224,6 +225,14 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         cnn, table.detectors, y, train_idx, val_idx, genres, config, torch_device, on_epoch, table.text
     )
     prior = metrics.mean_average_precision(y[val_idx], metrics.prior_scores(y[train_idx], len(val_idx)))
+    word_model, words_card, reader = None, None, None
+    if config["words"]["enabled"]:
+        head_val = predict_proba(head, _rows(cnn, val_idx), _rows(table.detectors, val_idx), _rows(table.text, val_idx))
+        word_model, words_card, reader, mixed_val = fit_words(data, head_val, train_idx, val_idx, config, cache_dir,
+                                                              device, progress)
+        if word_model is not None:  # the thresholds are the mixed model's
+            thresholds = metrics.tune_thresholds(y[val_idx], mixed_val)
+            validation = metrics.evaluate(y[val_idx], mixed_val, thresholds, genres)
 
     card = {
         "format": "posterfusion-model/1",
@@ -234,7 +243,8 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         "feature_schema": {"version": schema.SCHEMA_VERSION, "columns": schema.COLUMNS} if table.detectors is not None else None,
         "detectors": models.detectors.identity if models.detectors else None,
         "backbone": backbone_identity,
-        "text": models.text.identity if models.text else None,
+        "text": models.text.identity if models.text else reader,
+        "words": words_card,
         "validation": {k: validation[k] for k in ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")}
         | {"prior_map": prior, "n_posters": len(val_idx), "per_genre": validation["per_genre"]},
         "training": {
@@ -253,7 +263,40 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         },
     }
     save_model(out_dir, head, card)
+    if word_model is not None:
+        word_model.save(out_dir)
     return card
+
+
+def fit_words(data: TrainingData, head_val: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, config: dict,
+              cache_dir: str | Path | None, device: str, progress: Progress | None = None
+              ) -> tuple[WordModel | None, dict, dict | None, np.ndarray | None]:
+    """The word model fitted on the training posters' titles and weighed against the head's
+    validation probabilities ``head_val`` on the validation posters' OCR text (read here where the
+    cache lacks it). Returns the model, what the card says of it, the OCR reader's identity and the
+    mixed validation probabilities; no model (and why, for the card) where the manifest has no
+    titles to learn from."""
+    manifest, table = data.manifest, data.table
+    if "title" not in manifest.table.columns:
+        return None, {"fitted": False, "why": f"{manifest.source}: no 'title' column to fit the word model on"}, None, None
+    titles = manifest.table["title"].fillna("").astype(str).iloc[table.rows].tolist()
+    try:
+        word_model = WordModel.fit([titles[i] for i in train_idx], data.y[train_idx], C=config["words"]["C"])
+    except PosterFusionError as exc:  # too few titles to learn words from: the head alone
+        return None, {"fitted": False, "why": f"{manifest.source}: {exc}"}, None, None
+    if table.text_read is not None:  # the head's text branch already read every poster
+        reader, docs_val = data.models.text.identity, [table.text_read[i] for i in val_idx]
+    else:
+        ocr = FrozenModels(None, None, device, text=True)
+        val_table = gather([manifest.paths[table.rows[i]] for i in val_idx], ocr, cache_dir, progress=progress)
+        reader, docs_val = ocr.text.identity, [""] * len(val_idx)
+        for position, doc in zip(val_table.rows, val_table.text_read):
+            docs_val[position] = doc
+    scores = word_model.choose_weight(data.y[val_idx], head_val, docs_val)
+    card = {"fitted": True, "file": WORDS_FILE, "fitted_on": "title", "C": config["words"]["C"],
+            "vocabulary": len(word_model.vocabulary), "weight": word_model.weight,
+            "val_map_head": round(scores[0.0], 4), "val_map_mixed": round(scores[word_model.weight], 4)}
+    return word_model, card, reader, word_model.mix(head_val, docs_val)
 
 
 def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path | None, out_dir: Path,

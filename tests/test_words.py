@@ -1,0 +1,172 @@
+"""The word model: TF-IDF as scikit-learn computes it, genre words learnt, late fusion, its file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from posterfusion.errors import PosterFusionError
+from posterfusion.words import WORDS_FILE, WordModel
+
+GENRES = ["Horror", "Romance", "Drama"]
+HORROR = ["Night of the Zombie", "Zombie Blood", "The Haunting", "Haunting Blood", "Zombie Night"]
+ROMANCE = ["Love in Paris", "A Love Story", "Paris Kiss", "Kiss Me Love", "Love Letters"]
+OTHER = ["The River", "A River Story", "Night Train", "The Letters", "Train Story"]
+
+
+def _fitted() -> tuple[WordModel, list[str], np.ndarray]:
+    docs = HORROR + ROMANCE + OTHER
+    y = np.zeros((len(docs), 3), np.float32)
+    y[:5, 0] = 1
+    y[5:10, 1] = 1
+    y[:, 2] = 1  # every poster a drama: a genre with no negatives keeps its prior
+    return WordModel.fit(docs, y), docs, y
+
+
+def test_features_are_scikit_learns_tfidf() -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from posterfusion.detectors.schema import words
+
+    model, docs, _ = _fitted()
+    reference = TfidfVectorizer(analyzer=words, min_df=2, sublinear_tf=True).fit(docs)
+    probe = ["zombie zombie love", "NIGHT / of the / Paris", "nothing known here", ""]
+    assert model.vocabulary == sorted(reference.vocabulary_, key=reference.vocabulary_.get)
+    np.testing.assert_allclose(model.features(probe).toarray(), reference.transform(probe).toarray(), atol=1e-6)
+
+
+def test_genre_words_move_their_genre() -> None:
+    model, _, _ = _fitted()
+    zombie, love, blank = model.logits(["ZOMBIE", "love", ""])
+    assert zombie[0] > blank[0] > love[0]  # "zombie" says horror, "love" says not horror
+    assert love[1] > blank[1] > zombie[1]
+    np.testing.assert_allclose(blank, model.intercept)  # a text-free poster gets the intercepts
+    assert model.coef[:, 2].tolist() == [0.0] * len(model.vocabulary) and model.intercept[2] > 5
+
+
+def test_mix_is_the_head_at_weight_zero_and_chosen_on_validation() -> None:
+    model, docs, y = _fitted()
+    rng = np.random.default_rng(0)
+    head = rng.uniform(0.2, 0.8, size=y.shape).astype(np.float32)  # a head that knows nothing
+    np.testing.assert_allclose(model.mix(head, docs, 0.0), head, atol=1e-5)
+    two = _two_genre(model)
+    scores = two.choose_weight(y[:, :2], head[:, :2], docs)
+    assert two.weight > 0 and scores[two.weight] > scores[0.0]  # the words help a head that knows nothing
+    assert scores[two.weight] == max(scores.values())
+
+
+def _two_genre(model: WordModel) -> WordModel:
+    return WordModel(model.vocabulary, model.idf, model.coef[:, :2], model.intercept[:2])
+
+
+def test_a_head_that_knows_gets_little_weight() -> None:
+    model, docs, y = _fitted()
+    knowing = np.where(y[:, :2] > 0, 0.9, 0.1).astype(np.float32)
+    two = _two_genre(model)
+    two.choose_weight(y[:, :2], knowing, docs)
+    assert two.weight == 0.0  # words cannot beat a perfect ranking: the head alone is kept
+
+
+def test_non_latin_words_are_learnt() -> None:
+    docs = ["Левиафан тьма", "тьма ночи", "Ночи тьма", "Свет любви", "любви свет", "свет дня"]
+    y = np.array([[1], [1], [1], [0], [0], [0]], np.float32)
+    model = WordModel.fit(docs, y)
+    assert "тьма" in model.vocabulary
+    dark, light = model.logits(["ТЬМА", "свет"])[:, 0]
+    assert dark > light
+
+
+def test_too_few_titles_are_refused() -> None:
+    with pytest.raises(PosterFusionError, match="no word occurs in 2 or more"):
+        WordModel.fit(["a", "b", "Zombie"], np.ones((3, 1), np.float32))
+
+
+def test_saved_and_loaded_alike(tmp_path: Path) -> None:
+    model, docs, _ = _fitted()
+    model.weight = 0.35
+    model.save(tmp_path)
+    loaded = WordModel.load(tmp_path)
+    assert loaded.vocabulary == model.vocabulary and loaded.weight == 0.35
+    np.testing.assert_array_equal(loaded.logits(docs), model.logits(docs))
+
+
+def test_a_damaged_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / WORDS_FILE).write_bytes(b"\x00" * 40)
+    with pytest.raises(PosterFusionError, match=f"{WORDS_FILE}: not a word model"):
+        WordModel.load(tmp_path)
+    with pytest.raises(PosterFusionError, match="not found"):
+        WordModel.load(tmp_path / "elsewhere")
+
+
+# --- slow: `fusion train` fits it, predict and evaluate apply it, on real posters ---------------
+
+
+@pytest.mark.slow
+def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_models, tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from posterfusion.cli import fusion_app
+    from posterfusion.extract import FrozenModels, open_stores
+    from posterfusion.features import gather
+    from posterfusion.model import load_model
+    from posterfusion.predict import Predictor
+    from posterfusion.train import predict_proba
+
+    cache, model = real_cache.copy(tmp_path / "cache"), tmp_path / "model"
+    run = CliRunner().invoke(fusion_app, ["train", "--manifest", str(real_cache.train_manifest), "--cache", str(cache),
+                                          "--out", str(model)], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    card = json.loads((model / "card.json").read_text())
+    words = card["words"]
+    assert words["fitted"] and (model / WORDS_FILE).is_file() and words["vocabulary"] > 20
+    assert 0.0 <= words["weight"] <= 0.6 and words["val_map_mixed"] >= words["val_map_head"]
+    assert f"word model: {words['vocabulary']} words from the titles" in run.stdout
+    assert card["text"]["name"] == "pp-ocrv4" and card["head"]["text_dim"] == 0  # OCR feeds the words, not the head
+    # Only the validation posters were read (the words learn from titles): they are in the cache now.
+    read = open_stores(FrozenModels(None, None, "cpu", text=True), cache)["text"].notes(
+        [k for k in gather(real_cache.paths, shared_models, cache).keys])
+    assert len(read) == card["training"]["val_posters"]
+
+    # predict: the head's probabilities, moved by what the words make of each poster's text.
+    paths = pd.read_csv(real_cache.eval_manifest)["poster"].tolist()[:12]
+    predictions = Predictor(model, "cpu").predict(paths, cache)
+    features = gather(paths, FrozenModels("nanodet", "efficientnet_lite0", "cpu", text=True), cache)
+    head, _ = load_model(model)
+    word_model = WordModel.load(model)
+    expected = word_model.mix(predict_proba(head, features.cnn, features.detectors), features.text_read)
+    got = np.array([[p.probabilities[g] for g in card["genres"]] for p in predictions])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert [p.evidence["read"] for p in predictions] == features.text_read
+    if word_model.weight > 0:
+        assert not np.allclose(got, predict_proba(head, features.cnn, features.detectors), atol=1e-4)
+
+    result = CliRunner().invoke(fusion_app, ["evaluate", "--manifest", str(real_cache.eval_manifest), "--model",
+                                             str(model), "--cache", str(cache)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_a_manifest_without_titles_trains_the_head_alone(real_cache, shared_models, tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from posterfusion.cli import fusion_app
+
+    manifest = tmp_path / "untitled.csv"
+    pd.read_csv(real_cache.train_manifest).drop(columns=["title"]).to_csv(manifest, index=False)
+    config = tmp_path / "fast.yaml"
+    config.write_text("optim:\n  epochs: 2\n  ensemble: 1\n")
+    run = CliRunner().invoke(fusion_app, ["train", "--manifest", str(manifest), "--cache", str(real_cache.copy(tmp_path / "c")),
+                                          "--out", str(tmp_path / "model"), "--config", str(config)], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert card["words"] == {"fitted": False, "why": f"{manifest}: no 'title' column to fit the word model on"}
+    assert card["text"] is None and not (tmp_path / "model" / WORDS_FILE).exists()
+    assert f"no word model: {manifest}: no 'title' column" in run.stdout
