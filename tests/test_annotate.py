@@ -81,7 +81,7 @@ def test_predict_annotate_draws_the_detections_where_they_were_found(tiny_model:
         assert list(why["heat_map"]) == top and all(np.asarray(why["heat_map"][g]).shape == (GRID_ROWS, GRID_COLS) for g in top)
         assert list(why["contributions"]) == top and why["contributions"][top[0]]
         assert {c["feature"] for c in why["contributions"][top[0]]} <= {*COCO_CLASSES, "people layout", "faces", "expressions",
-                                                                        "colours", "text read", "picture (CNN)"}
+                                                                        "colours", "text read", "picture (CNN)", "words read"}
         counted = {label: sum(o["label"] == label for o in why["objects"]) for label in record["evidence"]["objects"]}
         assert counted == record["evidence"]["objects"]  # the boxes drawn are the detections the features count
         assert len(why["faces"]) == record["evidence"]["faces"]

@@ -9,6 +9,8 @@ probability falls: occlusion needs no gradients, so it works on the onnxruntime 
 uses. Contributions replace one group of features (a COCO class, the faces, the expressions, the
 colours, the text, the CNN embedding) by its training mean, where the head's standardisation puts
 it at zero, and record the change: positive means the poster's own value pushed the genre up.
+Where the model has a word model, "words read" is the change it makes to the final probability
+(the words OCR read against none read).
 """
 
 from __future__ import annotations
@@ -108,7 +110,20 @@ def explain(predictor: Predictor, rgb: np.ndarray, prediction: Prediction) -> Ex
         heat = _occlusion(predictor, prepared_cnn, detector_row, text_row)[:, columns]
         result.heat = {g: (base[k] - heat[:, k]).reshape(GRID_ROWS, GRID_COLS) for k, g in enumerate(genres)}
     result.contributions = _contributions(predictor, cnn_row, detector_row, text_row, columns, genres, base)
+    if predictor.words is not None:
+        _add_words(result, predictor, predict_proba(predictor.head, cnn_row, detector_row, text_row), columns, genres)
     return result
+
+
+def _add_words(result: Explanation, predictor: Predictor, head: np.ndarray, columns: list[int],
+               genres: list[str]) -> None:
+    """The word model's part: the final probability with the words read against with none read."""
+    doc = " / ".join(t.text for t in result.text)
+    read, blank = (predictor.words.mix(head, [d])[0, columns] for d in (doc, ""))
+    for k, genre in enumerate(genres):
+        items = result.contributions.get(genre, []) + [("words read", float(read[k] - blank[k]))]
+        result.contributions[genre] = [kv for kv in sorted(items, key=lambda kv: -abs(kv[1]))[:TOP_CONTRIBUTIONS]
+                                       if abs(kv[1]) >= 1e-4]
 
 
 def _counted(found: Detections) -> Detections:

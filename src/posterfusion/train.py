@@ -287,16 +287,24 @@ def fit_words(data: TrainingData, head_val: np.ndarray, train_idx: np.ndarray, v
     if table.text_read is not None:  # the head's text branch already read every poster
         reader, docs_val = data.models.text.identity, [table.text_read[i] for i in val_idx]
     else:
-        ocr = FrozenModels(None, None, device, text=True)
-        val_table = gather([manifest.paths[table.rows[i]] for i in val_idx], ocr, cache_dir, progress=progress)
-        reader, docs_val = ocr.text.identity, [""] * len(val_idx)
-        for position, doc in zip(val_table.rows, val_table.text_read):
-            docs_val[position] = doc
+        reader, docs_val = read_text([manifest.paths[table.rows[i]] for i in val_idx], cache_dir, device, progress)
     scores = word_model.choose_weight(data.y[val_idx], head_val, docs_val)
     card = {"fitted": True, "file": WORDS_FILE, "fitted_on": "title", "C": config["words"]["C"],
             "vocabulary": len(word_model.vocabulary), "weight": word_model.weight,
             "val_map_head": round(scores[0.0], 4), "val_map_mixed": round(scores[word_model.weight], 4)}
     return word_model, card, reader, word_model.mix(head_val, docs_val)
+
+
+def read_text(paths: list[str], cache_dir: str | Path | None, device: str = "auto",
+              progress: Progress | None = None) -> tuple[dict, list[str]]:
+    """What OCR reads on each poster (" / "-joined lines; "" where unreadable), through the cache's
+    text store, and the reader's identity."""
+    ocr = FrozenModels(None, None, device, text=True)
+    table = gather(paths, ocr, cache_dir, progress=progress)
+    docs = [""] * len(paths)
+    for position, doc in zip(table.rows, table.text_read):
+        docs[position] = doc
+    return ocr.text.identity, docs
 
 
 def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path | None, out_dir: Path,
