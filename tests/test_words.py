@@ -28,11 +28,11 @@ def _fitted() -> tuple[WordModel, list[str], np.ndarray]:
 def test_features_are_scikit_learns_tfidf() -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from posterfusion.detectors.schema import words
+    from posterfusion.words import terms
 
     model, docs, _ = _fitted()
-    reference = TfidfVectorizer(analyzer=words, min_df=2, sublinear_tf=True).fit(docs)
-    probe = ["zombie zombie love", "NIGHT / of the / Paris", "nothing known here", ""]
+    reference = TfidfVectorizer(analyzer=terms, min_df=2, sublinear_tf=True).fit(docs)
+    probe = ["zombie zombie love", "NIGHT / of the / Paris", "nothing known here", "", "ZOMBlE"]
     assert model.vocabulary == sorted(reference.vocabulary_, key=reference.vocabulary_.get)
     np.testing.assert_allclose(model.features(probe).toarray(), reference.transform(probe).toarray(), atol=1e-6)
 
@@ -79,8 +79,16 @@ def test_non_latin_words_are_learnt() -> None:
 
 
 def test_too_few_titles_are_refused() -> None:
-    with pytest.raises(PosterFusionError, match="no word occurs in 2 or more"):
+    with pytest.raises(PosterFusionError, match="no word or part of one occurs in 2 or more"):
         WordModel.fit(["a", "b", "Zombie"], np.ones((3, 1), np.float32))
+
+
+def test_terms_are_words_and_their_character_ngrams() -> None:
+    from posterfusion.words import terms
+
+    assert terms("Up!") == ["up", " up", "up ", " up "]
+    # a misread letter still shares most n-grams with the word
+    assert len(set(terms("zombie")) & set(terms("ZOMBlE"))) >= 4
 
 
 def test_saved_and_loaded_alike(tmp_path: Path) -> None:
