@@ -10,8 +10,9 @@ Predictor, the ``fusion`` CLI), on real posters (by default ../shared/data/movie
 * floor: the sum of the bare forwards at the best batch size, as posters/s;
 * build: ``detect-cache build`` end to end (fresh cache, real DataLoader workers) in a child
   process, at two poster counts, with the peak memory of the whole process tree;
-* predict: one poster warm (in process) against the sum of its models' forwards at batch 1, one
-  poster cold (a new ``fusion predict`` process), and a batch of 256;
+* predict: one poster warm (in process) against the sum of its models' forwards at batch 1 (and,
+  for a model with a word model, warm with ``--no-words``), one poster cold (a new ``fusion
+  predict`` process), and a batch of 256;
 * predict memory: a catalogue run (``fusion predict --manifest LIST --out FILE.csv``) in a child
   process at two sizes (``--predict-sizes``, default 500 and 5,000), peak memory of its process tree;
 * train: ``fusion train`` on a cached manifest (by default the 10,000-poster cache);
@@ -344,6 +345,15 @@ def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int =
         inputs = fw.inputs([dataset[2 + i]])
         bare.append(sum(fw.run(inputs, 0, 1).values()) * 1000)
     result["warm_ms"], result["models_ms"] = median(warm), median(bare)
+    if predictor.words is not None:  # the same posters without the word model (and its OCR): predict --no-words
+        head_only = Predictor(model_dir, device, words=False)
+        head_only.predict([paths[0]])
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            head_only.predict([paths[2 + i]])
+            times.append((time.perf_counter() - start) * 1000)
+        result["warm_no_words_ms"] = median(times)
     batch = paths[: min(256, len(paths))]
     start = time.perf_counter()
     predictor.predict(batch)
@@ -636,6 +646,8 @@ def format_table(r: dict) -> str:
     if "predict" in r:
         p = r["predict"]
         rows.append(("fusion predict, 1 poster warm", f"{p['warm_ms']:.0f} ms (its models' forwards: {p['models_ms']:.0f} ms, x{p['warm_ms'] / p['models_ms']:.2f})"))
+        if "warm_no_words_ms" in p:
+            rows.append(("  the same, --no-words (no OCR, no word model)", f"{p['warm_no_words_ms']:.0f} ms"))
         rows.append(("fusion predict, 1 poster cold (new process)", f"{p['cold_s']:.2f} s"))
         rows.append((f"fusion predict, batch of {p['batch_posters']}", f"{p['batch_s']:.1f} s ({p['batch_posters'] / p['batch_s']:.2f} posters/s)"))
     for n, run in sorted(r.get("predict_memory", {}).items(), key=lambda kv: int(kv[0])):

@@ -157,6 +157,18 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
                                              str(model), "--cache", str(cache)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
+    # --no-words: the head alone, its own thresholds, and no OCR.
+    head_only = Predictor(model, "cpu", words=False)
+    assert head_only.models.text is None and head_only.words is None
+    assert head_only.thresholds.tolist() == pytest.approx(words["head_thresholds"])
+    plain = head_only.predict(paths, cache)
+    got = np.array([[p.probabilities[g] for g in card["genres"]] for p in plain])
+    np.testing.assert_allclose(got, predict_proba(head, features.cnn, features.detectors), atol=1e-6)
+    assert all("read" not in p.evidence for p in plain)
+    quick = CliRunner().invoke(fusion_app, ["predict", paths[0], "--model", str(model), "--no-words", "--json"],
+                               catch_exceptions=False)
+    assert quick.exit_code == 0 and "read" not in json.loads(quick.stdout)["evidence"]
+
 
 @pytest.mark.slow
 def test_a_manifest_without_titles_trains_the_head_alone(real_cache, shared_models, tmp_path: Path) -> None:

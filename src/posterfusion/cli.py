@@ -225,6 +225,7 @@ def predict_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    words: bool = typer.Option(True, "--words/--no-words", help="Apply the model's word model (OCR on every poster); --no-words: the head alone, ~3x faster on a CPU."),
 ) -> None:
     """Predict genres for posters, with probabilities and what the detectors saw.
 
@@ -259,7 +260,7 @@ def predict_command(
     first = list(itertools.islice(source, 1))  # a missing list or no posters: an error before any model loads
     if not first:
         raise PosterFusionError("no posters given; name poster files or folders, use --manifest, or --samples")
-    predictor = Predictor(model, device, objects)
+    predictor = Predictor(model, device, objects, words)
     annotations = None
     if annotate is not None:
         from .annotate import AnnotationFolder
@@ -306,6 +307,7 @@ def evaluate_command(
     report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report here (metrics, plot, per-genre thumbnails)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
+    words: bool = typer.Option(True, "--words/--no-words", help="Apply the model's word model (OCR on every poster); --no-words: the head alone, ~3x faster on a CPU."),
 ) -> None:
     """Measure a model on labelled posters: mAP, F1s, top-n accuracy, per-genre table."""
     from .evaluate import evaluate_manifest
@@ -316,7 +318,7 @@ def evaluate_command(
     check_writable(json_out, "--json")
     check_writable(plot, "--plot")
     check_writable(report, "--report")
-    predictor = Predictor(model, device, objects)
+    predictor = Predictor(model, device, objects, words)
     with _RichProgress(None, "features") as progress:
         result = evaluate_manifest(manifest, predictor, cache, split, plot, progress, report)
     typer.echo(format_table(result))

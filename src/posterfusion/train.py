@@ -230,7 +230,8 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
         head_val = predict_proba(head, _rows(cnn, val_idx), _rows(table.detectors, val_idx), _rows(table.text, val_idx))
         word_model, words_card, reader, mixed_val = fit_words(data, head_val, train_idx, val_idx, config, cache_dir,
                                                               device, progress)
-        if word_model is not None:  # the thresholds are the mixed model's
+        if word_model is not None:  # the thresholds are the mixed model's; the head's kept for predict --no-words
+            words_card["head_thresholds"] = [round(float(t), 4) for t in thresholds]
             thresholds = metrics.tune_thresholds(y[val_idx], mixed_val)
             validation = metrics.evaluate(y[val_idx], mixed_val, thresholds, genres)
 
