@@ -79,8 +79,10 @@ def test_torchrun_two_cpu_processes_fine_tune_and_write_one_model(real_manifest:
 
     # One model folder, in the format of a fine-tune in one process (tests/test_finetune.py).
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["model"]
-    assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "card.json", "model.safetensors"]
     card = json.loads((out / "card.json").read_text())
+    assert card["words"]["fitted"]  # the word model too: rank 0 alone reads the val posters' text
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "card.json", "model.safetensors",
+                                                     "words.safetensors"]
     shipped = json.loads((REPO / "weights" / "default_model" / "card.json").read_text())
     assert list(card) == list(shipped) and list(card["training"]) == list(shipped["training"])
     assert card["backbone"]["weights_file"] == "backbone.safetensors"
