@@ -65,6 +65,8 @@ ROWS = [
     Row("fusion-text", "fusion + text, 224x320 + flip", {"text": True}),
     Row("fusion-tail-text", "fusion + text, 224x320 + flip, tail fine-tuned", {"text": True, "finetune": {"enabled": True}}),
     Row("cnn-words", "cnn only + word model (OCR)", {"mode": "cnn", "words": {"enabled": True}}),
+    Row("fusion-words-titles-only", "fusion + word model learnt from titles only",
+        {"words": {"enabled": True, "read_training_posters": False}}),
     Row("fusion-words", "fusion + word model (OCR), the shipped recipe", {"words": {"enabled": True}}),
     Row("fusion-words-titles", "fusion + word model fed the true titles (ceiling: a perfect title reader)",
         {"words": {"enabled": True}}, test_words_from="title"),

@@ -133,12 +133,14 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     words = card["words"]
     assert words["fitted"] and (model / WORDS_FILE).is_file() and words["vocabulary"] > 20
     assert 0.0 <= words["weight"] <= 0.6 and words["val_map_mixed"] >= words["val_map_head"]
-    assert f"word model: {words['vocabulary']} words from the titles" in run.stdout
+    assert words["fitted_on"] == ["title", "ocr"]
+    assert (f"word model: {words['vocabulary']} terms from the titles and the training posters' text"
+            in run.stdout)
     assert card["text"]["name"] == "pp-ocrv4" and card["head"]["text_dim"] == 0  # OCR feeds the words, not the head
-    # Only the validation posters were read (the words learn from titles): they are in the cache now.
+    # The training and validation posters were read, through the cache: their text is there now.
     read = open_stores(FrozenModels(None, None, "cpu", text=True), cache)["text"].notes(
         [k for k in gather(real_cache.paths, shared_models, cache).keys])
-    assert len(read) == card["training"]["val_posters"]
+    assert len(read) == card["training"]["train_posters"] + card["training"]["val_posters"]
 
     # predict: the head's probabilities, moved by what the words make of each poster's text.
     paths = pd.read_csv(real_cache.eval_manifest)["poster"].tolist()[:12]
@@ -171,7 +173,7 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
 
 
 @pytest.mark.slow
-def test_a_manifest_without_titles_trains_the_head_alone(real_cache, shared_models, tmp_path: Path) -> None:
+def test_without_titles_or_training_text_the_head_trains_alone(real_cache, shared_models, tmp_path: Path) -> None:
     import json
 
     import pandas as pd
@@ -182,11 +184,12 @@ def test_a_manifest_without_titles_trains_the_head_alone(real_cache, shared_mode
     manifest = tmp_path / "untitled.csv"
     pd.read_csv(real_cache.train_manifest).drop(columns=["title"]).to_csv(manifest, index=False)
     config = tmp_path / "fast.yaml"
-    config.write_text("optim:\n  epochs: 2\n  ensemble: 1\n")
+    config.write_text("optim:\n  epochs: 2\n  ensemble: 1\nwords:\n  read_training_posters: false\n")
     run = CliRunner().invoke(fusion_app, ["train", "--manifest", str(manifest), "--cache", str(real_cache.copy(tmp_path / "c")),
                                           "--out", str(tmp_path / "model"), "--config", str(config)], catch_exceptions=False)
     assert run.exit_code == 0, run.output
     card = json.loads((tmp_path / "model" / "card.json").read_text())
-    assert card["words"] == {"fitted": False, "why": f"{manifest}: no 'title' column to fit the word model on"}
+    assert card["words"] == {"fitted": False, "why": f"{manifest}: no 'title' column to fit the word model on "
+                                                     "(words.read_training_posters: true learns from OCR instead)"}
     assert card["text"] is None and not (tmp_path / "model" / WORDS_FILE).exists()
     assert f"no word model: {manifest}: no 'title' column" in run.stdout

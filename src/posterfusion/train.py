@@ -272,25 +272,35 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
 def fit_words(data: TrainingData, head_val: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, config: dict,
               cache_dir: str | Path | None, device: str, progress: Progress | None = None
               ) -> tuple[WordModel | None, dict, dict | None, np.ndarray | None]:
-    """The word model fitted on the training posters' titles and weighed against the head's
-    validation probabilities ``head_val`` on the validation posters' OCR text (read here where the
-    cache lacks it). Returns the model, what the card says of it, the OCR reader's identity and the
-    mixed validation probabilities; no model (and why, for the card) where the manifest has no
-    titles to learn from."""
-    manifest, table = data.manifest, data.table
-    if "title" not in manifest.table.columns:
-        return None, {"fitted": False, "why": f"{manifest.source}: no 'title' column to fit the word model on"}, None, None
-    titles = manifest.table["title"].fillna("").astype(str).iloc[table.rows].tolist()
-    try:
-        word_model = WordModel.fit([titles[i] for i in train_idx], data.y[train_idx], C=config["words"]["C"])
-    except PosterFusionError as exc:  # too few titles to learn words from: the head alone
-        return None, {"fitted": False, "why": f"{manifest.source}: {exc}"}, None, None
+    """The word model fitted on the training posters' titles and (``words.read_training_posters``)
+    on what OCR reads on them, each text a document of its own with the poster's genres; then
+    weighed against the head's validation probabilities ``head_val`` on the validation posters'
+    OCR text. OCR goes through the cache's text store (computed where it lacks a poster). Returns
+    the model, what the card says of it, the OCR reader's identity and the mixed validation
+    probabilities; no model (and why, for the card) where there is nothing to learn from."""
+    manifest, table, y = data.manifest, data.table, data.y
+    read_training = config["words"]["read_training_posters"]
+    if "title" not in manifest.table.columns and not read_training:
+        return None, {"fitted": False, "why": f"{manifest.source}: no 'title' column to fit the word model on "
+                                              f"(words.read_training_posters: true learns from OCR instead)"}, None, None
+    wanted = np.concatenate([train_idx, val_idx]) if read_training else val_idx
     if table.text_read is not None:  # the head's text branch already read every poster
-        reader, docs_val = data.models.text.identity, [table.text_read[i] for i in val_idx]
+        reader, read = data.models.text.identity, [table.text_read[i] for i in wanted]
     else:
-        reader, docs_val = read_text([manifest.paths[table.rows[i]] for i in val_idx], cache_dir, device, progress)
-    scores = word_model.choose_weight(data.y[val_idx], head_val, docs_val)
-    card = {"fitted": True, "file": WORDS_FILE, "fitted_on": "title", "C": config["words"]["C"],
+        reader, read = read_text([manifest.paths[table.rows[i]] for i in wanted], cache_dir, device, progress)
+    docs_val = read[len(wanted) - len(val_idx):]
+    docs, labels, sources = [], [], []
+    if "title" in manifest.table.columns:
+        titles = manifest.table["title"].fillna("").astype(str).iloc[table.rows].tolist()
+        docs, labels, sources = [titles[i] for i in train_idx], [y[train_idx]], ["title"]
+    if read_training:
+        docs, labels, sources = docs + read[: len(train_idx)], labels + [y[train_idx]], sources + ["ocr"]
+    try:
+        word_model = WordModel.fit(docs, np.concatenate(labels), C=config["words"]["C"])
+    except PosterFusionError as exc:  # too little text to learn words from: the head alone
+        return None, {"fitted": False, "why": f"{manifest.source}: {exc}"}, None, None
+    scores = word_model.choose_weight(y[val_idx], head_val, docs_val)
+    card = {"fitted": True, "file": WORDS_FILE, "fitted_on": sources, "C": config["words"]["C"],
             "vocabulary": len(word_model.vocabulary), "weight": word_model.weight,
             "val_map_head": round(scores[0.0], 4), "val_map_mixed": round(scores[word_model.weight], 4)}
     return word_model, card, reader, word_model.mix(head_val, docs_val)
