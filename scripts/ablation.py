@@ -123,7 +123,7 @@ def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache:
             thresholds = metrics.tune_thresholds(data.y[val_idx], mixed_val)
             val_scores = metrics.evaluate(data.y[val_idx], mixed_val, thresholds, data.genres)
             prob = word_model.mix(prob, test_docs(data, test, row.test_words_from, cache, str(device)))
-            print(f"  word model weight {word_model.weight:.2f}: val mAP {card['val_map_head']:.4f} -> "
+            print(f"  word model weight {float(np.mean(word_model.weight)):.2f} (mean over genres): val mAP {card['val_map_head']:.4f} -> "
                   f"{card['val_map_mixed']:.4f}", flush=True)
         scores = metrics.evaluate(data.y[test], prob, thresholds, data.genres)
         scores["val_map"] = val_scores["map"]

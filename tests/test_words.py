@@ -52,9 +52,14 @@ def test_mix_is_the_head_at_weight_zero_and_chosen_on_validation() -> None:
     head = rng.uniform(0.2, 0.8, size=y.shape).astype(np.float32)  # a head that knows nothing
     np.testing.assert_allclose(model.mix(head, docs, 0.0), head, atol=1e-5)
     two = _two_genre(model)
-    scores = two.choose_weight(y[:, :2], head[:, :2], docs)
-    assert two.weight > 0 and scores[two.weight] > scores[0.0]  # the words help a head that knows nothing
-    assert scores[two.weight] == max(scores.values())
+    head_map, mixed_map = two.choose_weight(y[:, :2], head[:, :2], docs)
+    assert (two.weight > 0).all() and mixed_map > head_map  # the words help a head that knows nothing
+    for g in range(2):  # each genre's weight is the best one tried for it
+        from posterfusion.metrics import average_precision_per_genre
+        from posterfusion.words import WEIGHTS
+
+        best = max(average_precision_per_genre(y[:, :2], two.mix(head[:, :2], docs, w))[g] for w in WEIGHTS)
+        assert average_precision_per_genre(y[:, :2], two.mix(head[:, :2], docs))[g] == best
 
 
 def _two_genre(model: WordModel) -> WordModel:
@@ -66,7 +71,16 @@ def test_a_head_that_knows_gets_little_weight() -> None:
     knowing = np.where(y[:, :2] > 0, 0.9, 0.1).astype(np.float32)
     two = _two_genre(model)
     two.choose_weight(y[:, :2], knowing, docs)
-    assert two.weight == 0.0  # words cannot beat a perfect ranking: the head alone is kept
+    assert two.weight.tolist() == [0.0, 0.0]  # words cannot beat a perfect ranking: the head alone is kept
+
+
+def test_each_genre_gets_its_own_weight() -> None:
+    model, docs, y = _fitted()
+    rng = np.random.default_rng(1)
+    head = np.stack([np.where(y[:, 0] > 0, 0.9, 0.1), rng.uniform(0.2, 0.8, len(y))], 1).astype(np.float32)
+    two = _two_genre(model)
+    two.choose_weight(y[:, :2], head, docs)
+    assert two.weight[0] == 0.0 and two.weight[1] > 0  # horror: the head knows; romance: the words do
 
 
 def test_non_latin_words_are_learnt() -> None:
@@ -93,10 +107,10 @@ def test_terms_are_words_and_their_character_ngrams() -> None:
 
 def test_saved_and_loaded_alike(tmp_path: Path) -> None:
     model, docs, _ = _fitted()
-    model.weight = 0.35
+    model.weight = np.array([0.35, 0.1, 0.0], np.float32)
     model.save(tmp_path)
     loaded = WordModel.load(tmp_path)
-    assert loaded.vocabulary == model.vocabulary and loaded.weight == 0.35
+    assert loaded.vocabulary == model.vocabulary and loaded.weight.tolist() == pytest.approx([0.35, 0.1, 0.0])
     np.testing.assert_array_equal(loaded.logits(docs), model.logits(docs))
 
 
@@ -132,7 +146,8 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     card = json.loads((model / "card.json").read_text())
     words = card["words"]
     assert words["fitted"] and (model / WORDS_FILE).is_file() and words["vocabulary"] > 20
-    assert 0.0 <= words["weight"] <= 0.6 and words["val_map_mixed"] >= words["val_map_head"]
+    assert len(words["weight"]) == len(card["genres"]) and all(0.0 <= w <= 0.9 for w in words["weight"])
+    assert words["val_map_mixed"] >= words["val_map_head"]
     assert words["fitted_on"] == ["title", "ocr"]
     assert (f"word model: {words['vocabulary']} terms from the titles and the training posters' text"
             in run.stdout)
@@ -152,7 +167,7 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     got = np.array([[p.probabilities[g] for g in card["genres"]] for p in predictions])
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert [p.evidence["read"] for p in predictions] == features.text_read
-    if word_model.weight > 0:
+    if word_model.weight.any():
         assert not np.allclose(got, predict_proba(head, features.cnn, features.detectors), atol=1e-4)
 
     result = CliRunner().invoke(fusion_app, ["evaluate", "--manifest", str(real_cache.eval_manifest), "--model",

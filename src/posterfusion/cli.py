@@ -183,7 +183,8 @@ def train_command(
     words = card.get("words")
     if words and words["fitted"]:
         learnt = " and ".join({"title": "the titles", "ocr": "the training posters' text"}[k] for k in words["fitted_on"])
-        typer.echo(f"word model: {words['vocabulary']} terms from {learnt}, weight {words['weight']:.2f} "
+        typer.echo(f"word model: {words['vocabulary']} terms from {learnt}, weight {min(words['weight']):.2f}-"
+                   f"{max(words['weight']):.2f} by genre "
                    f"(val mAP {words['val_map_head']:.3f} without it, {words['val_map_mixed']:.3f} with it)")
     elif words:
         typer.echo(f"no word model: {words['why']}")

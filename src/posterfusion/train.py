@@ -299,10 +299,10 @@ def fit_words(data: TrainingData, head_val: np.ndarray, train_idx: np.ndarray, v
         word_model = WordModel.fit(docs, np.concatenate(labels), C=config["words"]["C"])
     except PosterFusionError as exc:  # too little text to learn words from: the head alone
         return None, {"fitted": False, "why": f"{manifest.source}: {exc}"}, None, None
-    scores = word_model.choose_weight(y[val_idx], head_val, docs_val)
+    head_map, mixed_map = word_model.choose_weight(y[val_idx], head_val, docs_val)
     card = {"fitted": True, "file": WORDS_FILE, "fitted_on": sources, "C": config["words"]["C"],
-            "vocabulary": len(word_model.vocabulary), "weight": word_model.weight,
-            "val_map_head": round(scores[0.0], 4), "val_map_mixed": round(scores[word_model.weight], 4)}
+            "vocabulary": len(word_model.vocabulary), "weight": [round(float(w), 4) for w in word_model.weight],
+            "val_map_head": round(head_map, 4), "val_map_mixed": round(mixed_map, 4)}
     return word_model, card, reader, word_model.mix(head_val, docs_val)
 
 
