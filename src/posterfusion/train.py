@@ -2,7 +2,9 @@
 
 manifest -> cached features (computed where missing) -> seeded multi-label-stratified split ->
 standardise on train -> MLP with BCE (pos_weight for rare genres), AdamW -> early stopping on
-validation mAP -> per-genre thresholds tuned on validation -> weights + model card.
+validation mAP -> the word model (titles and OCR text of the training posters) fitted and weighed
+per genre against the heads on validation -> per-genre thresholds tuned on validation -> weights +
+model card.
 """
 
 from __future__ import annotations
