@@ -31,7 +31,7 @@ from posterfusion.config import default_config, load_config, merge
 from posterfusion.detectors import schema
 from posterfusion.extract import resolve_device
 from posterfusion.train import (TrainingData, finetuned_embeddings, fit_and_validate, fit_words, predict_proba,
-                                prepare_data, read_text, split_positions)
+                                prepare_data, read_text, split_positions, weigh_words)
 
 KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")
 SQUASH = "224x224"
@@ -99,8 +99,12 @@ def backbone_ms(view: str, paths: list[str], n: int = 96) -> float:
 def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache: str, device: torch.device) -> dict:
     test = split_positions(data.manifest, data.table.rows, "test")
     results, fine_tunes = [], []
+    row_config, word_model = merged(config, row.overrides), None
+    if row_config["words"]["enabled"]:  # learnt once (no seed in it), weighed per seed group
+        word_model, card, _, docs_val = fit_words(data, data.train_idx, data.val_idx, row_config, cache, str(device))
+        docs_test = test_docs(data, test, row.test_words_from, cache, str(device))
     for seed in seeds:
-        run = merged(config, row.overrides) | {"seed": seed}
+        run = row_config | {"seed": seed}
         mode = run["mode"]
         cnn = data.table.cnn if mode in ("cnn", "fusion") else None
         det = data.table.detectors if mode in ("detectors", "fusion") else None
@@ -117,12 +121,12 @@ def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache:
         model, _, thresholds, val_scores = fit_and_validate(cnn, det, data.y, train_idx, val_idx, data.genres, run,
                                                             device, text=text)
         prob = predict_proba(model, *(None if a is None else a[test] for a in (cnn, det, text)))
-        if run["words"]["enabled"]:  # as `fusion train` adds it, then read on the test posters
+        if word_model is not None:  # as `fusion train` adds it, then read on the test posters
             head_val = predict_proba(model, *(None if a is None else a[val_idx] for a in (cnn, det, text)))
-            word_model, card, _, mixed_val = fit_words(data, head_val, train_idx, val_idx, run, cache, str(device))
+            mixed_val = weigh_words(word_model, card, data.y[val_idx], head_val, docs_val)
             thresholds = metrics.tune_thresholds(data.y[val_idx], mixed_val)
             val_scores = metrics.evaluate(data.y[val_idx], mixed_val, thresholds, data.genres)
-            prob = word_model.mix(prob, test_docs(data, test, row.test_words_from, cache, str(device)))
+            prob = word_model.mix(prob, docs_test)
             print(f"  word model weight {float(np.mean(word_model.weight)):.2f} (mean over genres): val mAP {card['val_map_head']:.4f} -> "
                   f"{card['val_map_mixed']:.4f}", flush=True)
         scores = metrics.evaluate(data.y[test], prob, thresholds, data.genres)

@@ -105,13 +105,14 @@ def explain(predictor: Predictor, rgb: np.ndarray, prediction: Prediction) -> Ex
     genres = [g for g, _ in prediction.top(TOP_GENRES)]
     columns = [predictor.genres.index(g) for g in genres]
     result = Explanation(objects, faces, expressions, text_boxes)
-    base = predict_proba(predictor.head, cnn_row, detector_row, text_row)[0, columns]
+    head = predict_proba(predictor.head, cnn_row, detector_row, text_row)
+    base = head[0, columns]
     if prepared_cnn is not None:
         heat = _occlusion(predictor, prepared_cnn, detector_row, text_row)[:, columns]
         result.heat = {g: (base[k] - heat[:, k]).reshape(GRID_ROWS, GRID_COLS) for k, g in enumerate(genres)}
     result.contributions = _contributions(predictor, cnn_row, detector_row, text_row, columns, genres, base)
     if predictor.words is not None:
-        _add_words(result, predictor, predict_proba(predictor.head, cnn_row, detector_row, text_row), columns, genres)
+        _add_words(result, predictor, head, columns, genres)
     return result
 
 

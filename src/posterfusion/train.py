@@ -229,10 +229,10 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
     prior = metrics.mean_average_precision(y[val_idx], metrics.prior_scores(y[train_idx], len(val_idx)))
     word_model, words_card, reader = None, None, None
     if config["words"]["enabled"]:
-        head_val = predict_proba(head, _rows(cnn, val_idx), _rows(table.detectors, val_idx), _rows(table.text, val_idx))
-        word_model, words_card, reader, mixed_val = fit_words(data, head_val, train_idx, val_idx, config, cache_dir,
-                                                              device, progress)
+        word_model, words_card, reader, docs_val = fit_words(data, train_idx, val_idx, config, cache_dir, device, progress)
         if word_model is not None:  # the thresholds are the mixed model's; the head's kept for predict --no-words
+            head_val = predict_proba(head, _rows(cnn, val_idx), _rows(table.detectors, val_idx), _rows(table.text, val_idx))
+            mixed_val = weigh_words(word_model, words_card, y[val_idx], head_val, docs_val)
             words_card["head_thresholds"] = [round(float(t), 4) for t in thresholds]
             thresholds = metrics.tune_thresholds(y[val_idx], mixed_val)
             validation = metrics.evaluate(y[val_idx], mixed_val, thresholds, genres)
@@ -271,20 +271,20 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
     return card
 
 
-def fit_words(data: TrainingData, head_val: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, config: dict,
+def fit_words(data: TrainingData, train_idx: np.ndarray, val_idx: np.ndarray, config: dict,
               cache_dir: str | Path | None, device: str, progress: Progress | None = None
-              ) -> tuple[WordModel | None, dict, dict | None, np.ndarray | None]:
+              ) -> tuple[WordModel | None, dict, dict | None, list[str]]:
     """The word model fitted on the training posters' titles and (``words.read_training_posters``)
-    on what OCR reads on them, each text a document of its own with the poster's genres; then
-    weighed against the head's validation probabilities ``head_val`` on the validation posters'
-    OCR text. OCR goes through the cache's text store (computed where it lacks a poster). Returns
-    the model, what the card says of it, the OCR reader's identity and the mixed validation
-    probabilities; no model (and why, for the card) where there is nothing to learn from."""
+    on what OCR reads on them, each text a document of its own with the poster's genres; not yet
+    weighed against a head (:func:`weigh_words`). OCR goes through the cache's text store (computed
+    where it lacks a poster). Returns the model, what the card says of it, the OCR reader's identity
+    and the validation posters' OCR text; no model (and why, for the card) where there is nothing
+    to learn from."""
     manifest, table, y = data.manifest, data.table, data.y
     read_training = config["words"]["read_training_posters"]
     if "title" not in manifest.table.columns and not read_training:
         return None, {"fitted": False, "why": f"{manifest.source}: no 'title' column to fit the word model on "
-                                              f"(words.read_training_posters: true learns from OCR instead)"}, None, None
+                                              f"(words.read_training_posters: true learns from OCR instead)"}, None, []
     wanted = np.concatenate([train_idx, val_idx]) if read_training else val_idx
     if table.text_read is not None:  # the head's text branch already read every poster
         reader, read = data.models.text.identity, [table.text_read[i] for i in wanted]
@@ -300,12 +300,20 @@ def fit_words(data: TrainingData, head_val: np.ndarray, train_idx: np.ndarray, v
     try:
         word_model = WordModel.fit(docs, np.concatenate(labels), C=config["words"]["C"])
     except PosterFusionError as exc:  # too little text to learn words from: the head alone
-        return None, {"fitted": False, "why": f"{manifest.source}: {exc}"}, None, None
-    head_map, mixed_map = word_model.choose_weight(y[val_idx], head_val, docs_val)
+        return None, {"fitted": False, "why": f"{manifest.source}: {exc}"}, None, docs_val
     card = {"fitted": True, "file": WORDS_FILE, "fitted_on": sources, "C": config["words"]["C"],
-            "vocabulary": len(word_model.vocabulary), "weight": [round(float(w), 4) for w in word_model.weight],
-            "val_map_head": round(head_map, 4), "val_map_mixed": round(mixed_map, 4)}
-    return word_model, card, reader, word_model.mix(head_val, docs_val)
+            "vocabulary": len(word_model.vocabulary)}
+    return word_model, card, reader, docs_val
+
+
+def weigh_words(word_model: WordModel, card: dict, y_val: np.ndarray, head_val: np.ndarray,
+                docs_val: list[str]) -> np.ndarray:
+    """Choose the word model's per-genre weights against a head's validation probabilities, note
+    them in its ``card``, and return the mixed validation probabilities (to tune thresholds on)."""
+    head_map, mixed_map = word_model.choose_weight(y_val, head_val, docs_val)
+    card |= {"weight": [round(float(w), 4) for w in word_model.weight],
+             "val_map_head": round(head_map, 4), "val_map_mixed": round(mixed_map, 4)}
+    return word_model.mix(head_val, docs_val)
 
 
 def read_text(paths: list[str], cache_dir: str | Path | None, device: str = "auto",

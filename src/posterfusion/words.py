@@ -2,11 +2,11 @@
 
 A title says a lot about a genre ("Zombie", "Christmas", "Love") that a 224-px CNN cannot read.
 A linear model (TF-IDF over words and their character n-grams, one L2-regularised logistic
-regression per genre) is fitted on the *titles* of the training posters (the manifest's ``title``
-column), so training needs no OCR of the training posters; on a poster it reads what OCR found
-there. Its logits are mixed with the
-head's, ``(1 - w) * head + w * words``; ``w`` is chosen per genre on the validation posters
-(their OCR text), and the per-genre thresholds are tuned on the mixed probabilities.
+regression per genre) is fitted on the training posters' texts (their titles from the manifest
+and what OCR reads on them, see :func:`posterfusion.train.fit_words`); on a poster it reads what
+OCR found there. Its logits are mixed with the head's, ``(1 - w) * head + w * words``; ``w`` is
+chosen per genre on the validation posters (their OCR text), and the per-genre thresholds are
+tuned on the mixed probabilities.
 
 The fitted model is plain arrays (vocabulary, idf, coefficients) in one safetensors file, applied
 here with numpy, so a model folder never holds a pickle.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +79,14 @@ class WordModel:
         vocabulary = [w for w, _ in sorted(vectorizer.vocabulary_.items(), key=lambda kv: kv[1])]
         return cls(vocabulary, vectorizer.idf_.astype(np.float32), coef, intercept)
 
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        """Column of each term; built once per model, not per batch of posters (~80,000 terms)."""
+        return {w: i for i, w in enumerate(self.vocabulary)}
+
     def features(self, docs: list[str]) -> sparse.csr_matrix:
         """TF-IDF rows as scikit-learn's ``TfidfVectorizer(sublinear_tf=True)`` makes them."""
-        index = {w: i for i, w in enumerate(self.vocabulary)}
+        index = self._index
         rows, cols, values = [], [], []
         for r, doc in enumerate(docs):
             found = np.array([index[t] for t in terms(doc) if t in index], np.int64)
