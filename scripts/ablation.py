@@ -64,11 +64,11 @@ ROWS = [
     Row("text", "text only (OCR)", {"mode": "text", "text": True}),
     Row("fusion-text", "fusion + text, 224x320 + flip", {"text": True}),
     Row("fusion-tail-text", "fusion + text, 224x320 + flip, tail fine-tuned", {"text": True, "finetune": {"enabled": True}}),
-    Row("cnn-words", "cnn only + word model (OCR)", {"mode": "cnn", "words": {"enabled": True}}),
+    Row("cnn-words", "cnn only + word model (titles + OCR)", {"mode": "cnn", "words": {"enabled": True}}),
     Row("fusion-words-titles-only", "fusion + word model learnt from titles only",
         {"words": {"enabled": True, "read_training_posters": False}}),
-    Row("fusion-words", "fusion + word model (OCR), the shipped recipe", {"words": {"enabled": True}}),
-    Row("fusion-words-titles", "fusion + word model fed the true titles (ceiling: a perfect title reader)",
+    Row("fusion-words", "fusion + word model (titles + OCR): shipped", {"words": {"enabled": True}}),
+    Row("fusion-words-titles", "fusion + word model fed the true titles at test time",
         {"words": {"enabled": True}}, test_words_from="title"),
 ]
 """Every row but the word-model ones runs with ``words.enabled: false``: the head alone."""
