@@ -227,7 +227,7 @@ def predict_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    words: bool = typer.Option(True, "--words/--no-words", help="Apply the model's word model (OCR on every poster); --no-words: the head alone, ~2.5x faster on a CPU."),
+    words: bool = typer.Option(True, "--words/--no-words", help="Apply the model's word model (OCR on every poster); --no-words: the head alone, ~3x faster on a CPU."),
 ) -> None:
     """Predict genres for posters, with probabilities and what the detectors saw.
 
@@ -309,7 +309,7 @@ def evaluate_command(
     report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report here (metrics, plot, per-genre thumbnails)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one (a card alone never makes posterfusion load a file)."),
-    words: bool = typer.Option(True, "--words/--no-words", help="Apply the model's word model (OCR on every poster); --no-words: the head alone, ~2.5x faster on a CPU."),
+    words: bool = typer.Option(True, "--words/--no-words", help="Apply the model's word model (OCR on every poster); --no-words: the head alone, ~3x faster on a CPU."),
 ) -> None:
     """Measure a model on labelled posters: mAP, F1s, top-n accuracy, per-genre table."""
     from .evaluate import evaluate_manifest

@@ -57,7 +57,7 @@ class Predictor:
         """``objects``: the user's object detector, needed where the card names a file (see
         :func:`~posterfusion.weights.objects_from_card`). ``words`` False leaves a model's word
         model out, with the head's own thresholds: no OCR (unless the head has a text branch), so
-        ~2.5x faster on a CPU, for the accuracy the word model adds."""
+        ~3x faster on a CPU, for the accuracy the word model adds."""
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.head, self.card = load_model(self.model_dir)
         config = self.card["config"]
