@@ -5,7 +5,8 @@ on the ``val`` rows) and scored on the manifest's ``test`` rows, which nothing e
 row is repeated for several seed groups (each an ensemble of ``optim.ensemble`` heads) and shown
 as mean ± sd, so a lever is kept only where its gain beats the noise. The cost column is the
 backbone's measured forward time per poster for the row's view on this machine (detectors: every
-row that uses them pays the same, see bench/run.py).
+row that uses them pays the same, see bench/run.py). A row's CNN is EfficientNet-Lite0 at 224x320 + flip
+unless the row names another backbone or view (the ``-big``, ``-lite2`` and ``-pair`` rows).
 
     fusion manifest split labels.csv --val 0.15 --test 0.15 --seed 0 --out split.csv
     python scripts/ablation.py --manifest split.csv --cache CACHE [--seeds 0,10] [--json ablation.json]
@@ -35,6 +36,13 @@ from posterfusion.train import (TrainingData, finetuned_embeddings, fit_and_vali
 
 KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")
 SQUASH = "224x224"
+LITE0 = {"backbone": "efficientnet_lite0", "backbone_view": "224x320+flip"}
+"""Every row's CNN and view unless the row names others (the rows before the backbone ensemble)."""
+BIG = {"backbone_view": "260x372+flip"}
+"""Lite2's own width (260) at the posters' shape."""
+LITE2 = {"backbone": "efficientnet_lite2", **BIG}
+PAIR = {"backbone": "efficientnet_lite0+efficientnet_lite2", **BIG}
+"""Both networks, a head ensemble on each, averaged (the shipped backbone and view)."""
 V1_MASK = np.isin(schema.COLUMNS, schema.V1_COLUMNS).astype(np.float32)
 """Schema v2's other columns are zeroed for the v1 rows (constant: no signal)."""
 
@@ -61,13 +69,26 @@ ROWS = [
     Row("fusion-posweight-full", "fusion, 224x320 + flip, pos_weight full", {"loss": {"pos_weight": "full"}}),
     Row("cnn-tail", "cnn only, 224x320 + flip, tail fine-tuned", {"mode": "cnn", "finetune": {"enabled": True}}),
     Row("fusion-tail", "fusion, 224x320 + flip, tail fine-tuned", {"finetune": {"enabled": True}}),
+    Row("cnn-big", "cnn only, 260x372 + flip", {"mode": "cnn", **BIG}),
+    Row("fusion-big", "fusion, 260x372 + flip + schema v2", BIG),
+    Row("cnn-lite2", "cnn only, Lite2 260x372 + flip", {"mode": "cnn", **LITE2}),
+    Row("fusion-lite2", "fusion, Lite2 260x372 + flip + schema v2", LITE2),
+    Row("cnn-pair", "cnn only, Lite0 + Lite2 heads averaged, 260x372 + flip", {"mode": "cnn", **PAIR}),
+    Row("fusion-pair", "fusion, Lite0 + Lite2 heads averaged, 260x372 + flip + schema v2", PAIR),
     Row("text", "text only (OCR)", {"mode": "text", "text": True}),
     Row("fusion-text", "fusion + text, 224x320 + flip", {"text": True}),
     Row("fusion-tail-text", "fusion + text, 224x320 + flip, tail fine-tuned", {"text": True, "finetune": {"enabled": True}}),
     Row("cnn-words", "cnn only + word model (titles + OCR)", {"mode": "cnn", "words": {"enabled": True}}),
     Row("fusion-words-titles-only", "fusion + word model learnt from titles only",
         {"words": {"enabled": True, "read_training_posters": False}}),
-    Row("fusion-words", "fusion + word model (titles + OCR): shipped", {"words": {"enabled": True}}),
+    Row("fusion-words", "fusion + word model (titles + OCR)", {"words": {"enabled": True}}),
+    Row("cnn-words-lite2", "cnn only, Lite2 260x372 + flip, + word model", {"mode": "cnn", "words": {"enabled": True}, **LITE2}),
+    Row("fusion-words-lite2", "fusion, Lite2 260x372 + flip, + word model", {"words": {"enabled": True}, **LITE2}),
+    Row("fusion-words-big", "fusion, 260x372 + flip, + word model", {"words": {"enabled": True}, **BIG}),
+    Row("cnn-words-pair", "cnn only, Lite0 + Lite2 heads averaged, 260x372 + flip, + word model",
+        {"mode": "cnn", "words": {"enabled": True}, **PAIR}),
+    Row("fusion-words-pair", "fusion, Lite0 + Lite2 heads averaged, 260x372 + flip, + word model: shipped",
+        {"words": {"enabled": True}, **PAIR}),
     Row("fusion-words-titles", "fusion + word model fed the true titles at test time",
         {"words": {"enabled": True}}, test_words_from="title"),
 ]
@@ -75,18 +96,19 @@ ROWS = [
 
 
 def merged(config: dict, overrides: dict) -> dict:
-    """The config with a row's overrides, checked like a config file's."""
+    """The config with a row's overrides (on Lite0 unless they name a backbone), checked like a
+    config file's."""
     out = copy.deepcopy(config)
-    merge(out, overrides, default_config(), "ablation row")
+    merge(out, LITE0 | overrides, default_config(), "ablation row")
     return out
 
 
-def backbone_ms(view: str, paths: list[str], n: int = 96) -> float:
+def backbone_ms(name: str, view: str, paths: list[str], n: int = 96) -> float:
     """The backbone's forward time per poster for a view (batches of 8, as in the build)."""
     from posterfusion.backbone import create_backbone
     from posterfusion.images import decode_bytes
 
-    backbone = create_backbone("efficientnet_lite0", view=view, lazy=True).use_onnxruntime()
+    backbone = create_backbone(name, view=view, lazy=True).use_onnxruntime()
     batch = torch.stack([backbone.prepare(decode_bytes(Path(p).read_bytes())) for p in paths[:n]])
     with torch.inference_mode():
         backbone.embed(batch[:8])  # warm-up
@@ -172,18 +194,18 @@ def main() -> None:
     device = resolve_device(args.device)
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = args.rows.split(",")
-    datasets: dict[tuple[str, bool], TrainingData] = {}
+    datasets: dict[tuple[str, str, bool], TrainingData] = {}
     summary: dict[str, dict] = {}
-    costs: dict[str, float] = {}
+    costs: dict[tuple[str, str], float] = {}
 
-    def data_for(view: str, text: bool = False) -> TrainingData:
-        if (view, text) not in datasets:
-            datasets[view, text] = prepare_data(args.manifest, args.cache, config | {"backbone_view": view, "text": text},
-                                                args.device)
-        return datasets[view, text]
+    def data_for(backbone: str, view: str, text: bool = False) -> TrainingData:
+        if (backbone, view, text) not in datasets:
+            datasets[backbone, view, text] = prepare_data(
+                args.manifest, args.cache, config | {"backbone": backbone, "backbone_view": view, "text": text}, args.device)
+        return datasets[backbone, view, text]
 
     if "prior" in wanted:
-        data = data_for(config["backbone_view"])
+        data = data_for(LITE0["backbone"], LITE0["backbone_view"])
         test = split_positions(data.manifest, data.table.rows, "test")
         y_val, y_test = data.y[data.val_idx], data.y[test]
         thresholds = metrics.tune_thresholds(y_val, metrics.prior_scores(data.y[data.train_idx], len(data.val_idx)))
@@ -193,13 +215,13 @@ def main() -> None:
         if row.key not in wanted:
             continue
         run = merged(config, row.overrides)
-        data = data_for(run["backbone_view"], run["text"])
+        data = data_for(run["backbone"], run["backbone_view"], run["text"])
         print(f"{row.name} ...", flush=True)
         outcome = run_row(row, data, config, seeds, args.cache, device)
-        view = run["backbone_view"]
+        view = run["backbone"], run["backbone_view"]
         uses_cnn = run["mode"] in ("cnn", "fusion")
         if uses_cnn and view not in costs:
-            costs[view] = backbone_ms(view, [data.manifest.paths[i] for i in data.table.rows])
+            costs[view] = backbone_ms(*view, [data.manifest.paths[i] for i in data.table.rows])
         summary[row.name] = {"scores": summarise(outcome["results"]), "fine_tunes": outcome["fine_tunes"],
                              "backbone_ms": costs[view] if uses_cnn else 0.0,
                              "seeds": outcome["results"]}

@@ -69,8 +69,10 @@ def _shared_frozen_models(*args, **kwargs):
 
 @pytest.fixture(scope="session")
 def frozen_models():
-    """The default frozen models (NanoDet, MTCNN, mini-XCEPTION, EfficientNet-Lite0) on the CPU."""
-    return _shared_frozen_models("nanodet", "efficientnet_lite0", "cpu")
+    """The default frozen models (NanoDet, MTCNN, mini-XCEPTION, EfficientNet-Lite0 + Lite2) on the CPU."""
+    from posterfusion.defaults import DEFAULT_BACKBONE
+
+    return _shared_frozen_models("nanodet", DEFAULT_BACKBONE, "cpu")
 
 
 def share_models(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,6 +33,13 @@ def test_the_defaults_pass_their_own_checks_and_every_rule_names_a_real_key() ->
     assert set(RANGES) | set(CHOICES) <= set(defaults)
 
 
+def test_detect_cache_build_and_fusion_train_default_to_the_same_backbone_and_view() -> None:
+    """Otherwise a default build caches embeddings a default training cannot use."""
+    from posterfusion.defaults import DEFAULT_BACKBONE, DEFAULT_VIEW
+
+    assert (default_config()["backbone"], default_config()["backbone_view"]) == (DEFAULT_BACKBONE, DEFAULT_VIEW)
+
+
 @pytest.mark.parametrize("text, fragments", [
     ("optim:\n  epochs: 0\n", ["optim.epochs must be >= 1, not 0"]),
     ("loss:\n  pos_weight: half\n", ["loss.pos_weight must be one of none, sqrt, full, not 'half'"]),

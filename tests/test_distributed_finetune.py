@@ -68,7 +68,7 @@ def test_torchrun_two_cpu_processes_fine_tune_and_write_one_model(real_manifest:
     extra = pd.DataFrame([{"poster": "posters/broken.jpg", "genres": "Drama", "split": "train"}])
     pd.concat([table, extra]).to_csv(manifest, index=False)
     config = tmp_path / "finetune.yaml"
-    config.write_text(yaml.safe_dump({"min_genre_posters": 2, "optim": {"epochs": 2, "ensemble": 1},
+    config.write_text(yaml.safe_dump({"min_genre_posters": 2, "optim": {"epochs": 2, "ensemble": 1}, "backbone": "efficientnet_lite0",
                                       "finetune": {"enabled": True, "scope": "all", "epochs": 1, "batch_size": 4}}))
     cache, out = tmp_path / "cache", tmp_path / "runs" / "model"
 

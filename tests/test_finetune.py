@@ -72,7 +72,7 @@ def test_finetune_on_cpu_skips_a_poster_broken_since_it_was_cached(tiny_real: Pa
     root = tmp_path / "data"
     shutil.copytree(tiny_real.parent, root)
     manifest = root / "labels.csv"
-    config = load_config(None, {"min_genre_posters": 2, "optim": {"epochs": 2, "ensemble": 1},
+    config = load_config(None, {"min_genre_posters": 2, "optim": {"epochs": 2, "ensemble": 1}, "backbone": "efficientnet_lite0",
                                 "finetune": {"enabled": True, "scope": scope, "epochs": 1, "batch_size": 8}})
     cache = tmp_path / "cache"
     from posterfusion.train import prepare_data

@@ -133,7 +133,7 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     from typer.testing import CliRunner
 
     from posterfusion.cli import fusion_app
-    from posterfusion.extract import FrozenModels, open_stores
+    from posterfusion.extract import DEFAULT_BACKBONE, FrozenModels, open_stores
     from posterfusion.features import gather
     from posterfusion.model import load_model
     from posterfusion.predict import Predictor
@@ -160,7 +160,7 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     # predict: the head's probabilities, moved by what the words make of each poster's text.
     paths = pd.read_csv(real_cache.eval_manifest)["poster"].tolist()[:12]
     predictions = Predictor(model, "cpu").predict(paths, cache)
-    features = gather(paths, FrozenModels("nanodet", "efficientnet_lite0", "cpu", text=True), cache)
+    features = gather(paths, FrozenModels("nanodet", DEFAULT_BACKBONE, "cpu", text=True), cache)
     head, _ = load_model(model)
     word_model = WordModel.load(model)
     expected = word_model.mix(predict_proba(head, features.cnn, features.detectors), features.text_read)

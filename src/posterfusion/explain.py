@@ -183,7 +183,7 @@ def _contributions(predictor: Predictor, cnn_row: np.ndarray | None, detector_ro
     if text_row is not None and head.use_text:
         variant("text read", cnn_row, detector_row, _training_mean(head.text_norm)[None])
     if cnn_row is not None and head.use_cnn:
-        variant("picture (CNN)", _training_mean(head.cnn_norm)[None], detector_row, text_row)
+        variant("picture (CNN)", predictor.head.cnn_training_mean()[None], detector_row, text_row)
     if not names:
         return {}
     stacked = [None if parts[0] is None else np.concatenate(parts) for parts in (cnn, det, text)]

@@ -28,8 +28,9 @@ from . import onnx_runtime
 # call, so the cache grew by ~0.8 MB per poster over a build (1.0 -> 1.9 GB in 1,000 posters).
 # 64 entries keep every recurring shape (the P-Net pyramid) at the same speed, with flat memory.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-from .backbone import DEFAULT_VIEW, Backbone, create_backbone
+from .backbone import Backbone, create_backbone
 from .cache import FeatureStore, disk_full_reported
+from .defaults import DEFAULT_BACKBONE, DEFAULT_VIEW
 from .detectors import DetectorSet, Evidence, Preparer
 from .images import BadImage, content_key, decode_bytes, read_poster_bytes
 from .timing import timed
@@ -202,7 +203,7 @@ class FrozenModels:
     stage, which is the lighter one without it.
     """
 
-    def __init__(self, objects: str | None = "nanodet", backbone: str | None = "efficientnet_lite0",
+    def __init__(self, objects: str | None = "nanodet", backbone: str | None = DEFAULT_BACKBONE,
                  device: str = "auto", backbone_weights: str | Path | None = None,
                  concurrent: bool | None = None, backbone_view: str | None = DEFAULT_VIEW, text: bool = False) -> None:
         self.device = resolve_device(device)

@@ -22,6 +22,7 @@ MODES = ("cnn", "detectors", "fusion", "text")
 class HeadConfig:
     mode: str = "fusion"
     cnn_dim: int = 1280
+    cnn_offset: int = 0  # where this head's part of the embedding starts (a backbone ensemble's are side by side)
     detector_dim: int = 0
     n_genres: int = 18
     cnn_hidden: int = 256
@@ -97,7 +98,8 @@ class FusionHead(nn.Module):
     def fit_standardizers(self, cnn: np.ndarray | None, detectors: np.ndarray | None, log_mask: np.ndarray | None,
                           text: np.ndarray | None = None, text_log_mask: np.ndarray | None = None) -> None:
         if self.use_cnn:
-            self.cnn_norm.fit(cnn, np.zeros(cnn.shape[1], bool))
+            start = self.config.cnn_offset
+            self.cnn_norm.fit(cnn[:, start : start + self.config.cnn_dim], np.zeros(self.config.cnn_dim, bool))
         if self.use_detectors:
             self.detector_norm.fit(detectors, log_mask)
         if self.use_text:
@@ -107,7 +109,8 @@ class FusionHead(nn.Module):
                 text: torch.Tensor | None = None) -> torch.Tensor:
         parts = []
         if self.use_cnn:
-            parts.append(self.cnn_branch(self.cnn_norm(cnn)))
+            start = self.config.cnn_offset
+            parts.append(self.cnn_branch(self.cnn_norm(cnn[:, start : start + self.config.cnn_dim])))
         if self.use_detectors:
             parts.append(self.detector_branch(self.detector_norm(detectors)))
         if self.use_text:
@@ -126,15 +129,32 @@ class FusionHead(nn.Module):
 
 
 class FusionEnsemble(nn.Module):
-    """Heads trained from different seeds, probabilities averaged: steadier than any one of them."""
+    """Heads trained from different seeds, probabilities averaged: steadier than any one of them.
+
+    Under a backbone ensemble each head reads one network's part of the embedding, so the
+    average is over networks as well as seeds.
+    """
 
     def __init__(self, heads: list[FusionHead]) -> None:
         super().__init__()
         self.heads = nn.ModuleList(heads)
         self.config = heads[0].config
 
+    @property
+    def cnn_dim(self) -> int:
+        """Width of the embedding the heads read: every network's part, side by side."""
+        return max(h.config.cnn_offset + h.config.cnn_dim for h in self.heads)
+
+    def cnn_training_mean(self) -> np.ndarray:
+        """The embedding every head's standardiser maps to zero, part by part."""
+        parts = {h.config.cnn_offset: h.cnn_norm.mean.cpu().numpy() for h in self.heads if h.use_cnn}
+        return np.concatenate([parts[k] for k in sorted(parts)]).astype(np.float32)
+
     def probabilities(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None,
                       text: torch.Tensor | None = None) -> torch.Tensor:
+        if cnn is not None and self.config.cnn_dim and cnn.shape[1] != self.cnn_dim:
+            raise ValueError(f"the heads read {self.cnn_dim}-wide embeddings, not {cnn.shape[1]} "
+                             "(features of another backbone)")
         return torch.stack([head.probabilities(cnn, detectors, text) for head in self.heads]).mean(0)
 
 
@@ -153,7 +173,8 @@ def save_model(out_dir, model: FusionEnsemble, card: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    card = {**card, "head": model.config.to_dict(), "ensemble": len(model.heads)}
+    card = {**card, "head": model.config.to_dict(), "ensemble": len(model.heads),
+            "cnn_parts": [[h.config.cnn_offset, h.config.cnn_dim] for h in model.heads]}
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -173,7 +194,9 @@ def load_model(model_dir) -> tuple[FusionEnsemble, dict]:
             raise PosterFusionError(f"{path}: not found; a model folder holds {CARD_FILE} and {WEIGHTS_FILE} (made by 'fusion train')")
     try:
         card = json.loads(card_path.read_text())
-        model = FusionEnsemble([FusionHead(HeadConfig(**card["head"])) for _ in range(card.get("ensemble", 1))])
+        head = card["head"]
+        parts = card.get("cnn_parts") or [[0, head["cnn_dim"]]] * card.get("ensemble", 1)  # older cards: one network
+        model = FusionEnsemble([FusionHead(HeadConfig(**head | {"cnn_offset": o, "cnn_dim": d})) for o, d in parts])
         model.load_state_dict(load_file(str(weights_path)), strict=True)
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise PosterFusionError(f"{folder}: model card and weights do not fit together ({str(exc).splitlines()[0]})") from None

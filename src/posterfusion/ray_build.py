@@ -33,7 +33,7 @@ class RayBuild:
     that stops the Ray it started."""
 
     def __init__(self, cache: str | Path, address: str = LOCAL, objects: str | None = "nanodet",
-                 backbone: str | None = "efficientnet_lite0", view: str | None = extract.DEFAULT_VIEW,
+                 backbone: str | None = extract.DEFAULT_BACKBONE, view: str | None = extract.DEFAULT_VIEW,
                  text: bool = False, device: str = "auto", workers: int | None = None,
                  decoders: int | None = None) -> None:
         """``cache``: a folder or a filesystem URI; ``workers``: model actors (default: one per GPU,

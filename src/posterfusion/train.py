@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import distributed, metrics
+from .backbone import embedding_parts
 from .detectors import schema
 from .errors import PosterFusionError
 from .extract import FrozenModels, Progress, resolve_device
@@ -81,11 +82,14 @@ def pos_weight(y: np.ndarray, config: dict) -> torch.Tensor:
 
 
 def new_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, config: dict,
-             text: np.ndarray | None = None) -> FusionHead:
-    """A head for these feature sets, its standardisers and output biases fitted on the training rows."""
+             text: np.ndarray | None = None, cnn_part: tuple[int, int] | None = None) -> FusionHead:
+    """A head for these feature sets, its standardisers and output biases fitted on the training rows;
+    ``cnn_part`` (offset, width) is the part of the embedding it reads (default: all of it)."""
+    offset, width = cnn_part or (0, cnn.shape[1] if cnn is not None else 0)
     head = FusionHead(HeadConfig(
         mode=config["mode"],
-        cnn_dim=cnn.shape[1] if cnn is not None else 0,
+        cnn_dim=width,
+        cnn_offset=offset,
         detector_dim=det.shape[1] if det is not None else 0,
         text_dim=text.shape[1] if text is not None else 0,
         n_genres=y.shape[1],
@@ -100,11 +104,11 @@ def new_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, trai
 
 def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, val: np.ndarray,
              config: dict, device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None,
-             text: np.ndarray | None = None) -> tuple[FusionHead, dict]:
+             text: np.ndarray | None = None, cnn_part: tuple[int, int] | None = None) -> tuple[FusionHead, dict]:
     """Train one head with early stopping on validation mAP; returns the best head and history."""
     torch.manual_seed(config["seed"])
     generator = torch.Generator().manual_seed(config["seed"])
-    head = new_head(cnn, det, y, train, config, text).to(device)
+    head = new_head(cnn, det, y, train, config, text, cnn_part).to(device)
 
     def tensor(a: np.ndarray | None, idx: np.ndarray) -> torch.Tensor | None:
         return None if a is None else torch.as_tensor(a[idx], device=device)
@@ -152,18 +156,34 @@ def fit_and_validate(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarr
                      val_idx: np.ndarray, genres: list[str], config: dict, device: torch.device,
                      on_epoch: Callable[[int, float, float], None] | None = None,
                      text: np.ndarray | None = None) -> tuple[FusionEnsemble, dict, np.ndarray, dict]:
-    """Fit ``optim.ensemble`` heads (seeds seed, seed+1, ...), tune per-genre thresholds on
-    validation for their averaged probabilities, and score them there (what ablations compare)."""
+    """Fit ``optim.ensemble`` heads (seeds seed, seed+1, ...) on each network's part of the
+    embedding, tune per-genre thresholds on validation for their averaged probabilities, and score
+    them there (what ablations compare).
+
+    Under a backbone ensemble, heads on each network averaged late beat one head on the joined
+    embedding (README, Results)."""
     heads, fits = [], []
-    for k in range(config["optim"]["ensemble"]):
-        head, fit = fit_head(cnn, det, y, train_idx, val_idx, config | {"seed": config["seed"] + k}, device, on_epoch, text)
-        heads.append(head.cpu())
-        fits.append(fit)
+    for part in cnn_parts(cnn, config):
+        for k in range(config["optim"]["ensemble"]):
+            head, fit = fit_head(cnn, det, y, train_idx, val_idx, config | {"seed": config["seed"] + k}, device,
+                                 on_epoch, text, part)
+            heads.append(head.cpu())
+            fits.append(fit)
     model = FusionEnsemble(heads)
     val_prob = predict_proba(model, _rows(cnn, val_idx), _rows(det, val_idx), _rows(text, val_idx))
     thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
     fit = {"best_epoch": [f["best_epoch"] for f in fits], "epochs_run": [f["epochs_run"] for f in fits]}
     return model, fit, thresholds, metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
+
+
+def cnn_parts(cnn: np.ndarray | None, config: dict) -> list[tuple[int, int] | None]:
+    """(offset, width) of each network's embedding in ``cnn`` under the config's backbone; one
+    part, all of it, where the widths do not add up to ``cnn``'s (embeddings made elsewhere)."""
+    widths = embedding_parts(config["backbone"])
+    if cnn is None or sum(widths) != cnn.shape[1]:
+        return [None]
+    offsets = np.cumsum([0] + widths[:-1])
+    return [(int(o), w) for o, w in zip(offsets, widths)]
 
 
 @dataclass
@@ -208,6 +228,9 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
     before the others read it, and alone writes the model; the other ranks return None.
     """
     start = time.perf_counter()
+    if config["finetune"]["enabled"] and len(embedding_parts(config["backbone"])) > 1:
+        raise PosterFusionError(f"config: finetune trains one network, and backbone '{config['backbone']}' is several; "
+                                "set backbone to one of them")
     with distributed.main_first():
         data = prepare_data(manifest_path, cache_dir, config, device, progress)
     manifest, table, genres, y, train_idx, val_idx, models = (
