@@ -188,11 +188,12 @@ def test_workers_and_model_batches_keep_features(reference: dict, default_models
     """
     paths = reference["paths"]
     keys, det, emb = _features(paths, default_models, batch_size=6, workers=0)
-    default_models.model_batch = 1
+    default = default_models.model_batch
+    default_models.model_batch = 4 if default == 1 else 1
     try:
         keys1, det1, emb1 = _features(paths, default_models, batch_size=6, workers=2)
     finally:
-        default_models.model_batch = 8
+        default_models.model_batch = default
     assert keys1 == keys
     np.testing.assert_allclose(det1, det, rtol=0, atol=ATOL)
     np.testing.assert_allclose(emb1, emb, rtol=0, atol=ATOL)

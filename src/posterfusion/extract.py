@@ -350,16 +350,18 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def model_batch_size(device: torch.device) -> int | None:
-    """Posters per NanoDet and backbone call: 8 on a CPU, whole batches on a GPU.
+    """Posters per NanoDet and backbone call: 1 on a CPU, whole batches on a GPU.
 
-    On a CPU small batches keep activations in the caches and memory low (PyTorch's NanoDet took
-    ~39 ms/poster at 8 and ~60 at 32 on 2 cores; onnxruntime is flat from 8 up); a GPU wants the
-    largest batch. ``POSTERFUSION_MODEL_BATCH`` overrides it (0: whole batches).
+    On a CPU small batches keep activations in the caches and memory low: with the backbone
+    ensemble at 260x372, one poster per call instead of 8 took the build from 6.95 to 8.98
+    posters/s and its peak memory from 2.2 to 1.4 GB on 2 cores (bench/run.py; the backbone's
+    in-build time 152 -> 107 ms/poster). A GPU wants the largest batch.
+    ``POSTERFUSION_MODEL_BATCH`` overrides it (0: whole batches).
     """
     override = os.environ.get("POSTERFUSION_MODEL_BATCH")
     if override is not None:
         return int(override) or None
-    return 8 if device.type == "cpu" else None
+    return 1 if device.type == "cpu" else None
 
 
 def resolve_device(device: str) -> torch.device:
