@@ -38,10 +38,10 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    from posterfusion.extract import FrozenModels, build_cache, open_stores
+    from posterfusion.extract import DEFAULT_BACKBONE, FrozenModels, build_cache, open_stores
 
     paths = [line for line in open(args.paths).read().splitlines() if line]
-    models = FrozenModels("nanodet", "efficientnet_lite0", args.device)
+    models = FrozenModels("nanodet", DEFAULT_BACKBONE, args.device)
     loaded = time.perf_counter() - start
     summary = build_cache(paths, open_stores(models, args.cache), models, args.batch_size, args.workers)
     if models.device.type == "cuda":

@@ -203,7 +203,7 @@ class Forwards:
                 from posterfusion.train import predict_proba
 
                 config = self.head.config
-                cnn = np.zeros((hi - lo, config.cnn_dim), np.float32) if config.cnn_dim else None
+                cnn = np.zeros((hi - lo, self.head.cnn_dim), np.float32) if config.cnn_dim else None
                 det = np.zeros((hi - lo, config.detector_dim), np.float32) if config.detector_dim else None
                 self.sync()
                 start = time.perf_counter()
@@ -327,7 +327,8 @@ def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int =
     # Its models' forwards are timed as the floor's are: each on all cores, in turn.
     m = predictor.models
     fw = Forwards(FrozenModels(m.detectors.objects_name if m.detectors else None,
-                               m.backbone.name if m.backbone else None, device, concurrent=False), predictor.head)
+                               m.backbone.name if m.backbone else None, device, concurrent=False,
+                               backbone_view=predictor.card["config"].get("backbone_view")), predictor.head)
     for p in paths[:2]:
         predictor.predict([p])  # warm-up
     warm, bare = [], []
@@ -446,7 +447,7 @@ def main() -> None:
 
     import torch
 
-    from posterfusion.extract import FrozenModels, resolve_device
+    from posterfusion.extract import DEFAULT_BACKBONE, FrozenModels, resolve_device
 
     skip = {s for s in args.skip.split(",") if s}
     device = resolve_device(args.device)
@@ -515,7 +516,7 @@ def main() -> None:
     paths = pick_posters(args.manifest, max(args.posters, stage_posters, 256 + 16, *predict_sizes))
     # The floor: every model on all cores in turn (each at its fastest), not the build's
     # side-by-side stages.
-    models = FrozenModels("nanodet", "efficientnet_lite0", str(device), concurrent=False)
+    models = FrozenModels("nanodet", DEFAULT_BACKBONE, str(device), concurrent=False)
     # The floor's posters spread over the largest build's, so that both see the same mix of eras
     # (MTCNN's cost follows the faces and face-like regions a poster holds).
     build_paths = paths[: max(args.posters, stage_posters)]
@@ -604,7 +605,7 @@ def format_table(r: dict) -> str:
         sizes = list(r["stages"])
         names = [n for n in ("objects", "faces", "expressions", "backbone", "head") if n in r["stages"][sizes[0]]]
         label = {"objects": "object detector (NanoDet)", "faces": "face detector (MTCNN)",
-                 "expressions": "expression model", "backbone": "CNN embedding (EffNet-Lite0)", "head": "head (MLP)"}
+                 "expressions": "expression model", "backbone": "CNN embedding (the backbone)", "head": "head (MLP)"}
         lines.append("| stage, median ms/poster | " + " | ".join(f"batch {b}" for b in sizes) + " |")
         lines.append("|---|" + "---:|" * len(sizes))
         lines.append(f"| decode + resize (per poster, one worker) | {r['decode_resize_ms']:.1f} |" + " |" * (len(sizes) - 1))
