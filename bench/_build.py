@@ -38,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    from posterfusion.extract import DEFAULT_BACKBONE, FrozenModels, build_cache, open_stores
+    from posterfusion.defaults import DEFAULT_BACKBONE
+    from posterfusion.extract import FrozenModels, build_cache, open_stores
 
     paths = [line for line in open(args.paths).read().splitlines() if line]
     models = FrozenModels("nanodet", DEFAULT_BACKBONE, args.device)

@@ -447,7 +447,8 @@ def main() -> None:
 
     import torch
 
-    from posterfusion.extract import DEFAULT_BACKBONE, FrozenModels, resolve_device
+    from posterfusion.defaults import DEFAULT_BACKBONE
+    from posterfusion.extract import FrozenModels, resolve_device
 
     skip = {s for s in args.skip.split(",") if s}
     device = resolve_device(args.device)

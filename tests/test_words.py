@@ -133,7 +133,8 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     from typer.testing import CliRunner
 
     from posterfusion.cli import fusion_app
-    from posterfusion.extract import DEFAULT_BACKBONE, FrozenModels, open_stores
+    from posterfusion.defaults import DEFAULT_BACKBONE
+    from posterfusion.extract import FrozenModels, open_stores
     from posterfusion.features import gather
     from posterfusion.model import load_model
     from posterfusion.predict import Predictor

@@ -95,11 +95,14 @@ class FusionHead(nn.Module):
             nn.Dropout(config.dropout), nn.Linear(config.hidden, config.n_genres),
         )
 
+    def own_part(self, cnn: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """The columns of the embedding this head reads (a backbone ensemble's are side by side)."""
+        return cnn[:, self.config.cnn_offset : self.config.cnn_offset + self.config.cnn_dim]
+
     def fit_standardizers(self, cnn: np.ndarray | None, detectors: np.ndarray | None, log_mask: np.ndarray | None,
                           text: np.ndarray | None = None, text_log_mask: np.ndarray | None = None) -> None:
         if self.use_cnn:
-            start = self.config.cnn_offset
-            self.cnn_norm.fit(cnn[:, start : start + self.config.cnn_dim], np.zeros(self.config.cnn_dim, bool))
+            self.cnn_norm.fit(self.own_part(cnn), np.zeros(self.config.cnn_dim, bool))
         if self.use_detectors:
             self.detector_norm.fit(detectors, log_mask)
         if self.use_text:
@@ -109,8 +112,7 @@ class FusionHead(nn.Module):
                 text: torch.Tensor | None = None) -> torch.Tensor:
         parts = []
         if self.use_cnn:
-            start = self.config.cnn_offset
-            parts.append(self.cnn_branch(self.cnn_norm(cnn[:, start : start + self.config.cnn_dim])))
+            parts.append(self.cnn_branch(self.cnn_norm(self.own_part(cnn))))
         if self.use_detectors:
             parts.append(self.detector_branch(self.detector_norm(detectors)))
         if self.use_text:

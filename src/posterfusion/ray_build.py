@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import extract
+from .defaults import DEFAULT_BACKBONE, DEFAULT_VIEW
 from .errors import PosterFusionError
 from .extract import BuildSummary, Extracted, Item, Progress, commit_batches, take_todo
 
@@ -33,7 +34,7 @@ class RayBuild:
     that stops the Ray it started."""
 
     def __init__(self, cache: str | Path, address: str = LOCAL, objects: str | None = "nanodet",
-                 backbone: str | None = extract.DEFAULT_BACKBONE, view: str | None = extract.DEFAULT_VIEW,
+                 backbone: str | None = DEFAULT_BACKBONE, view: str | None = DEFAULT_VIEW,
                  text: bool = False, device: str = "auto", workers: int | None = None,
                  decoders: int | None = None) -> None:
         """``cache``: a folder or a filesystem URI; ``workers``: model actors (default: one per GPU,
