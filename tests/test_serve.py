@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import socket
 import tempfile
@@ -152,13 +153,19 @@ def test_uploads_are_written_only_to_a_temporary_folder_that_goes(server: str, t
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory):
-    """Headless Chromium (Debian's chromium and chromium-driver; .ci/run installs them)."""
+    """Headless Chromium (Debian's chromium and chromium-driver; .ci/run installs them).
+
+    Without them the test is skipped, saying how to run it; where ``POSTERFUSION_REQUIRE_BROWSER=1``
+    (set by .ci/run) a missing browser fails it instead, so CI cannot pass without the page tested."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.fail("the browser test needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
+        why = "the browser test needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver"
+        if os.environ.get("POSTERFUSION_REQUIRE_BROWSER") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
