@@ -105,28 +105,70 @@ def test_stream_gives_batches_in_input_order_as_predict_does(tiny_model: Path, c
         assert a.evidence == b.evidence == c.evidence
 
 
-def test_cached_rows_are_read_a_row_group_at_a_time(tmp_path: Path, monkeypatch) -> None:
+def _store_in_parts(tmp_path: Path, monkeypatch):
+    """30 rows in three parts of row groups of 4, with notes; k03 stored again later (the last copy
+    wins). Returns the store, its keys and the values each key must read back."""
     from posterfusion import cache as cache_module
-    from posterfusion.cache import FeatureStore, StoreLookup
+    from posterfusion.cache import FeatureStore
 
     monkeypatch.setattr(cache_module, "ROW_GROUP_ROWS", 4)
-    rng = np.random.default_rng(0)
-    store = FeatureStore.open(tmp_path, "backbone", {"name": "test"}, ["a", "b", "c"])
-    values = rng.normal(size=(30, 3)).astype(np.float32)
+    values = np.random.default_rng(0).normal(size=(30, 3)).astype(np.float32)
     keys = [f"k{i:02d}" for i in range(30)]
+    store = FeatureStore.open(tmp_path, "backbone", {"name": "test"}, ["a", "b", "c"])
     for lo in range(0, 30, 10):
         store.append(keys[lo:lo + 10], keys[lo:lo + 10], values[lo:lo + 10], [f"note {k}" for k in keys[lo:lo + 10]])
-    store.append(["k03"], ["k03"], values[:1] + 1, ["newer"])  # a key stored twice: the last copy wins
-    lookup = StoreLookup(store)
-    store.compact(force=True)  # the indexed parts are gone: the lookup indexes again
-    want = ["k29", "k03", "k00", "k17"]
-    got, notes = lookup.rows(want)
-    assert np.array_equal(got, store.read(want)[1])
-    assert np.array_equal(got[1], values[0] + 1) and notes == ["note k29", "newer", "note k00", "note k17"]
-    assert len(lookup.groups) <= StoreLookup.KEEP_GROUPS
+    store.append(["k03"], ["k03"], values[:1] + 1, ["newer"])
+    expected = values.copy()
+    expected[3] = values[0] + 1
+    return store, keys, expected
+
+
+def _count_decodes(store, monkeypatch) -> list[int]:
+    """A counter of the row groups a lookup decodes (each goes through ``store.values`` once)."""
+    decoded = [0]
+    values = store.values
+
+    def counting(table):
+        decoded[0] += 1
+        return values(table)
+
+    monkeypatch.setattr(store, "values", counting)
+    return decoded
+
+
+def test_cached_rows_come_back_in_any_order_each_row_group_decoded_once_per_call(tmp_path: Path, monkeypatch) -> None:
+    from posterfusion.cache import StoreLookup
+
+    store, keys, expected = _store_in_parts(tmp_path, monkeypatch)
+    decoded = _count_decodes(store, monkeypatch)
+    lookup = StoreLookup(store, memory_bytes=2 * 4 * 3 * 4)  # two decoded row groups of 4 rows x 3 floats
+    store.compact(force=True)  # the indexed parts are gone (another process's compaction)
     import pyarrow.parquet as pq
 
     assert pq.ParquetFile(store.parts()[0]).num_row_groups == 8  # 30 rows in groups of 4
+
+    order = np.random.default_rng(1).permutation(30)
+    got, notes = lookup.rows([keys[i] for i in order])
+    assert np.array_equal(got, expected[order])
+    assert notes == ["newer" if i == 3 else f"note k{i:02d}" for i in order]
+    # every row group indexed once, though only two fit in memory at a time (the lookup still holds
+    # the parts it indexed open: 3 of 3 groups and 1 of 1, all read)
+    assert decoded[0] == len({(part, group) for part, group, _ in lookup.where.values()}) == 10
+    assert 0 < lookup.held <= lookup.memory_bytes
+
+
+def test_an_unbounded_lookup_decodes_each_row_group_once_across_calls(tmp_path: Path, monkeypatch) -> None:
+    from posterfusion.cache import StoreLookup
+
+    store, keys, expected = _store_in_parts(tmp_path, monkeypatch)
+    store.compact(force=True)
+    decoded = _count_decodes(store, monkeypatch)
+    lookup = StoreLookup(store, memory_bytes=None)
+    order = np.random.default_rng(2).permutation(30)
+    for lo in range(0, 30, 5):  # batches in shuffled order, as gather() asks for them
+        got, _ = lookup.rows([keys[i] for i in order[lo:lo + 5]])
+        assert np.array_equal(got, expected[order[lo:lo + 5]])
+    assert decoded[0] == 8
 
 
 # --- inputs ---------------------------------------------------------------------------------------

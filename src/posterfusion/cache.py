@@ -207,20 +207,28 @@ class FeatureStore:
 
 
 class StoreLookup:
-    """Rows of a store fetched by key a row group at a time, so that memory follows the batch
-    asked for, not the store (``fusion predict --cache`` over a catalogue).
+    """Rows of a store fetched by key, whatever order they are asked in, with bounded memory.
 
     The keys are indexed once (part, row group, row; the last copy of a key wins, as in
-    :meth:`FeatureStore.read`); the last few row groups read stay decoded, since posters cached
-    together are usually asked for together. Another process's compaction may remove an indexed
-    part: the index is then made again, as it is for a key stored after it was made.
+    :meth:`FeatureStore.read`). Each call plans its reads: every row group holding some of its
+    keys is decoded once, and the rows are handed back in the order asked, so a call costs the
+    row groups it touches, not its keys. Decoded row groups stay, least recently used dropped
+    first, while they fit in ``memory_bytes``: a store that fits is decoded once however a manifest
+    orders its posters (a training cache: 10,000 posters' embeddings are ~100 MB), and a larger
+    one (``fusion predict --cache`` over a catalogue) never holds more than that. ``None`` keeps
+    every group read, for callers that keep every row anyway (:func:`posterfusion.features.gather`).
+
+    Another process's compaction may remove an indexed part: the index is then made again, as it
+    is for a key stored after it was made.
     """
 
-    KEEP_GROUPS = 2
+    MEMORY_BYTES = 256 << 20
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, memory_bytes: int | None = MEMORY_BYTES) -> None:
         self.store = store
-        self.groups: collections.OrderedDict = collections.OrderedDict()
+        self.memory_bytes = memory_bytes
+        self.groups: collections.OrderedDict = collections.OrderedDict()  # (part, group) -> (values, notes)
+        self.held = 0  # bytes of the decoded values in ``groups``
         self._index()
 
     def _index(self) -> None:
@@ -228,45 +236,63 @@ class StoreLookup:
 
         for _ in range(READ_ATTEMPTS):
             where: dict[str, tuple[Path, int, int]] = {}
+            files = {}
             try:
                 for part in self.store.parts():
-                    meta = pq.ParquetFile(part)
+                    files[part] = meta = pq.ParquetFile(part, filesystem=self.store.filesystem)
                     for group in range(meta.num_row_groups):
                         keys = meta.read_row_group(group, columns=["key"]).column("key").to_pylist()
                         where.update((key, (part, group, row)) for row, key in enumerate(keys))
             except FileNotFoundError:
                 continue
-            self.where = where
+            self.where, self.files = where, files
             self.groups.clear()
+            self.held = 0
             return
         raise PosterFusionError(f"{self.store.folder}: parts kept vanishing while reading; is a cleanup deleting them?")
 
     def rows(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
-        """The values of ``keys`` (at least one, each stored), in that order, and their notes ("" where none)."""
+        """The values of ``keys`` (each stored), in that order, and their notes ("" where none)."""
         for attempt in range(2):
             if attempt or any(key not in self.where for key in keys):
                 self._index()
             try:
-                chunks = [self._group(*self.where[key][:2]) for key in keys]
+                return self._take(keys)
             except (FileNotFoundError, KeyError):
                 continue
-            import pyarrow as pa
-
-            # promote: parts written before a store gained its optional ``note`` column lack it
-            table = pa.concat_tables([chunk.slice(self.where[key][2], 1) for chunk, key in zip(chunks, keys)],
-                                     promote_options="default")
-            notes = table.column("note").to_pylist() if "note" in table.column_names else [None] * len(keys)
-            return self.store.values(table), [note or "" for note in notes]
         missing = [key for key in keys if key not in self.where]
         raise PosterFusionError(f"{self.store.folder}: {len(missing)} posters' rows vanished from the cache while reading")
 
-    def _group(self, part: Path, group: int):
-        import pyarrow.parquet as pq
+    def _take(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
+        """One read of each row group the keys live in, the rows put where they were asked."""
+        plan: dict[tuple[Path, int], list[tuple[int, int]]] = {}  # (part, group) -> [(position, row)]
+        for position, key in enumerate(keys):
+            part, group, row = self.where[key]
+            plan.setdefault((part, group), []).append((position, row))
+        values = np.empty((len(keys), len(self.store.columns)), np.float32)
+        notes = [""] * len(keys)
+        for (part, group), wanted in plan.items():
+            group_values, group_notes = self._group(part, group)
+            positions, rows = (list(column) for column in zip(*wanted))
+            values[positions] = group_values[rows]
+            if group_notes is not None:
+                for position, row in wanted:
+                    notes[position] = group_notes[row] or ""
+        return values, notes
 
+    def _group(self, part: Path, group: int) -> tuple[np.ndarray, list[str | None] | None]:
+        """One row group's values and notes (None where its part has no ``note`` column), decoded
+        once while it stays within the memory bound."""
         if (part, group) not in self.groups:
-            self.groups[(part, group)] = pq.ParquetFile(part).read_row_group(group)
-            while len(self.groups) > self.KEEP_GROUPS:
-                self.groups.popitem(last=False)
+            meta = self.files[part]
+            columns = [name for name in meta.schema_arrow.names if name not in ("key", "path")]
+            table = meta.read_row_group(group, columns=columns)
+            notes = table.column("note").to_pylist() if "note" in table.column_names else None
+            self.groups[(part, group)] = decoded = (self.store.values(table), notes)
+            self.held += decoded[0].nbytes
+            while self.memory_bytes is not None and self.held > self.memory_bytes and len(self.groups) > 1:
+                _, (dropped, _) = self.groups.popitem(last=False)
+                self.held -= dropped.nbytes
         self.groups.move_to_end((part, group))
         return self.groups[(part, group)]
 

@@ -62,17 +62,23 @@ class FeatureTable:
 
 def gather(paths: list[str], models: FrozenModels, cache_dir: str | Path | None = None, batch_size: int = 32,
            workers: int | None = None, progress: Progress | None = None) -> FeatureTable:
-    """Features for every readable poster; ``cache_dir`` None keeps them in memory only."""
-    return FeatureTable.join(list(stream_features(paths, models, cache_dir, batch_size, workers, progress)))
+    """Features for every readable poster; ``cache_dir`` None keeps them in memory only.
+
+    Every row is kept, so the cache's row groups are too (:class:`StoreLookup` with no memory
+    bound): each is decoded once whatever order the posters come in."""
+    return FeatureTable.join(list(stream_features(paths, models, cache_dir, batch_size, workers, progress,
+                                                  lookup_memory=None)))
 
 
 def stream_features(paths: Iterable[str], models: FrozenModels, cache_dir: str | Path | None = None,
                     batch_size: int = 32, workers: int | None = None,
-                    progress: Progress | None = None) -> Iterator[FeatureTable]:
+                    progress: Progress | None = None,
+                    lookup_memory: int | None = StoreLookup.MEMORY_BYTES) -> Iterator[FeatureTable]:
     """One :class:`FeatureTable` per batch of ``paths``, in order, as the models finish it.
 
     With a cache, what it lacks is computed and stored as ``detect-cache build`` does, and what it
-    holds is read a row group at a time. Nothing per poster is kept: a poster met twice in a run is
+    holds is read through a :class:`StoreLookup` keeping at most ``lookup_memory`` bytes of decoded
+    rows (None: every row group it reads). Nothing per poster is kept: a poster met twice in a run is
     computed twice (unless a cache held it before the run), which is rarer and cheaper than
     holding every poster's features.
     """
@@ -84,7 +90,7 @@ def stream_features(paths: Iterable[str], models: FrozenModels, cache_dir: str |
         widths["backbone"] = models.backbone.dim
     if models.text is not None:
         widths["text"] = len(schema.TEXT_COLUMNS)
-    lookups = {kind: StoreLookup(store) for kind, store in stores.items()}
+    lookups = {kind: StoreLookup(store, lookup_memory) for kind, store in stores.items()}
     start = 0
     for items, result in extract_batches(paths, stores, models, BuildSummary(keys=None), batch_size, workers,
                                          progress, repeat_duplicates=True):
