@@ -53,3 +53,26 @@ def test_bad_manifests_are_one_line_errors(tmp_path: Path, content: str, message
 def test_missing_source(tmp_path: Path) -> None:
     with pytest.raises(PosterFusionError, match="no such manifest"):
         load_manifest(tmp_path / "nope.csv")
+
+
+def test_combine_joins_collections_with_their_source_and_drops_repeats(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from posterfusion.manifest_cli import manifest_app
+
+    for folder, names in (("a", ["x.jpg", "y.jpg"]), ("b", ["z.jpg"])):
+        for name in names:
+            write_poster(tmp_path / folder / "posters" / name)
+    (tmp_path / "a" / "labels.csv").write_text("poster,genres,split\nposters/x.jpg,Drama,train\nposters/y.jpg,Horror,test\n")
+    (tmp_path / "b" / "labels.csv").write_text(f"poster,genres\nposters/z.jpg,Comedy\n{tmp_path}/a/posters/x.jpg,Drama\n")
+    out = tmp_path / "out" / "all.csv"
+    out.parent.mkdir()
+    result = CliRunner().invoke(manifest_app, ["combine", str(tmp_path / "a" / "labels.csv"),
+                                               str(tmp_path / "b" / "labels.csv"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "3 posters" in result.output and "1 poster listed again left out" in result.output
+    manifest = load_manifest(out)
+    assert [Path(p).name for p in manifest.paths] == ["x.jpg", "y.jpg", "z.jpg"]
+    assert all(Path(p).is_file() for p in manifest.paths)
+    assert manifest.table["source"].tolist() == [str(tmp_path / "a" / "labels.csv")] * 2 + [str(tmp_path / "b" / "labels.csv")]
+    assert manifest.table["split"].fillna("").tolist() == ["train", "test", ""]

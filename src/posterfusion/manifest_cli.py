@@ -170,6 +170,28 @@ def split(
 
 @manifest_app.command()
 @user_errors
+def combine(
+    manifests: Annotated[list[Path], typer.Argument(help="Labelled manifest CSVs, e.g. each already split.",
+                                                    show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")],
+) -> None:
+    """Join labelled manifests into one, naming each row's manifest in a 'source' column."""
+    from posterfusion.files import check_writable
+    from posterfusion.manifest_tools import combine_manifests, write_manifest
+
+    check_writable(out, "--out")
+    frame, repeated = combine_manifests(manifests, out.parent)
+    write_manifest(frame, out)
+    sizes = frame["source"].value_counts(sort=False)
+    console.print(
+        f"[bold green]Combined {_plural(len(frame), 'poster')}[/] in {escape(str(out))}: "
+        + ", ".join(f"{escape(name)} {count:,}" for name, count in sizes.items())
+        + (f"; {_plural(repeated, 'poster')} listed again left out" if repeated else "")
+    )
+
+
+@manifest_app.command()
+@user_errors
 def stats(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV to describe.", show_default=False)],
     plot: Annotated[Optional[Path], typer.Option(

@@ -66,6 +66,25 @@ def rebase_posters(frame: pd.DataFrame, source_dir: Path, target_dir: Path) -> p
     return frame
 
 
+def combine_manifests(paths: list[Path], target_dir: Path) -> tuple[pd.DataFrame, int]:
+    """Labelled manifests as one, their posters re-aimed at ``target_dir`` and each row's manifest
+    named in a ``source`` column (kept where a row already has one), so that a model can train on
+    several collections and be scored on each; a poster listed again is dropped (the first kept).
+    Returns the manifest and how many rows were dropped."""
+    import pandas as pd
+
+    frames = []
+    for path in paths:
+        frame = rebase_posters(read_manifest(path), path.parent, target_dir)
+        if "source" not in frame.columns:
+            frame["source"] = str(path)
+        frames.append(frame)
+    combined = pd.concat(frames, ignore_index=True).fillna("")
+    absolute = [os.path.normpath(os.path.join(target_dir, cell)) for cell in combined["poster"]]
+    repeated = pd.Series(absolute).duplicated().to_numpy()
+    return combined[~repeated].reset_index(drop=True), int(repeated.sum())
+
+
 def split_manifest(
     frame: pd.DataFrame, val: float, test: float, seed: int = 0, *, force: bool = False
 ) -> pd.DataFrame:
