@@ -200,7 +200,7 @@ class Forwards:
             if self.head is not None:  # the head as predict runs it, on feature rows
                 import numpy as np
 
-                from posterfusion.train import predict_proba
+                from posterfusion.model import predict_proba
 
                 config = self.head.config
                 cnn = np.zeros((hi - lo, self.head.cnn_dim), np.float32) if config.cnn_dim else None

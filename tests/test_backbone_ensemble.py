@@ -14,7 +14,8 @@ from posterfusion.config import load_config
 from posterfusion.errors import PosterFusionError
 from posterfusion.metrics import average_precision_per_genre
 from posterfusion.model import CARD_FILE, load_model, save_model
-from posterfusion.train import cnn_parts, fit_and_validate, predict_proba, train
+from posterfusion.model import predict_proba
+from posterfusion.train import cnn_parts, fit_and_validate, train
 
 PAIR = "efficientnet_lite0+efficientnet_lite2"
 

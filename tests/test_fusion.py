@@ -26,7 +26,9 @@ from posterfusion.features import gather
 from posterfusion.model import FusionEnsemble, load_model, save_model
 from posterfusion.predict import Predictor
 from posterfusion.config import load_config
-from posterfusion.train import fit_head, label_matrix, predict_proba, split_rows
+from posterfusion.manifest import label_matrix
+from posterfusion.model import predict_proba
+from posterfusion.train import fit_head, split_rows
 from posterfusion.manifest import load_manifest
 
 METRIC_KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy", "per_genre")

@@ -108,7 +108,8 @@ def test_text_store_through_the_build(tmp_path: Path, real_manifest: Path) -> No
 def test_text_branch_learns_from_words() -> None:
     """A head with only the text branch learns genres that its words give away."""
     from posterfusion.config import load_config
-    from posterfusion.train import fit_head, predict_proba
+    from posterfusion.model import predict_proba
+    from posterfusion.train import fit_head
     from posterfusion import metrics
 
     rng = np.random.default_rng(0)

@@ -138,7 +138,7 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     from posterfusion.features import gather
     from posterfusion.model import load_model
     from posterfusion.predict import Predictor
-    from posterfusion.train import predict_proba
+    from posterfusion.model import predict_proba
 
     cache, model = real_cache.copy(tmp_path / "cache"), tmp_path / "model"
     run = CliRunner().invoke(fusion_app, ["train", "--manifest", str(real_cache.train_manifest), "--cache", str(cache),

@@ -10,9 +10,8 @@ from . import metrics
 from .errors import PosterFusionError
 from .extract import Progress
 from .features import gather
-from .manifest import load_manifest
+from .manifest import label_matrix, load_manifest
 from .predict import Predictor
-from .train import label_matrix
 
 
 def evaluate_manifest(manifest_path: str | Path, predictor: Predictor, cache_dir: str | Path | None = None,

@@ -23,7 +23,7 @@ import torch
 from .detectors import schema
 from .detectors.base import COCO_CLASSES, EXPRESSIONS, Detections
 from .predict import Prediction, Predictor
-from .train import predict_proba
+from .model import predict_proba
 
 GRID_ROWS, GRID_COLS = 6, 4
 """Occlusion cells over the poster: about square on a 2:3 poster, 24 CNN passes per poster."""

@@ -29,9 +29,8 @@ from . import distributed, metrics
 from .backbone import Backbone, create_backbone, split_at_last_block
 from .extract import PosterDataset, default_workers, iterate
 from .images import BadImage, decode_bytes, read_poster_bytes
-from .loop import FitResult, Schedule, fit
+from .loop import FitResult, Schedule, fit, loss_function
 from .model import FusionHead
-from .train import loss_function
 
 BACKBONE_FILE = "backbone.safetensors"
 

@@ -12,6 +12,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from . import distributed
@@ -91,3 +92,16 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable[Batch]], valid
         model.load_state_dict(state)
     model.eval()
     return FitResult(best_epoch, best_map, history)
+
+
+def pos_weight(y: np.ndarray, config: dict) -> torch.Tensor:
+    """(negatives/positives)^power per genre, capped: rare genres are not ignored by BCE."""
+    power = {"none": 0.0, "sqrt": 0.5, "full": 1.0}[config["loss"]["pos_weight"]]
+    pos = y.sum(0).clip(min=1)
+    weight = ((len(y) - pos) / pos) ** power
+    return torch.as_tensor(np.minimum(weight, config["loss"]["max_pos_weight"]), dtype=torch.float32)
+
+
+def loss_function(y_train: np.ndarray, config: dict, device: torch.device) -> torch.nn.Module:
+    """BCE with the config's per-genre positive weights: one loss for heads and fine-tunes."""
+    return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight(y_train, config).to(device))

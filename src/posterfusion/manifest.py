@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 
 from .errors import PosterFusionError
@@ -58,6 +59,17 @@ def split_genres(value: object) -> list[str]:
         return []
     parts = [part.strip() for part in value.split("|")]
     return [part for part in parts if part and part != "(no genres listed)"]
+
+
+def label_matrix(manifest: Manifest, rows: np.ndarray, genres: list[str]) -> np.ndarray:
+    """0/1 genre targets of the manifest rows ``rows``, one column per genre in ``genres``."""
+    index = {g: i for i, g in enumerate(genres)}
+    y = np.zeros((len(rows), len(genres)), np.float32)
+    for r, genre_list in enumerate(manifest.table["genre_list"].iloc[rows]):
+        for g in genre_list:
+            if g in index:
+                y[r, index[g]] = 1.0
+    return y
 
 
 def load_manifest(source: str | Path) -> Manifest:

@@ -203,3 +203,17 @@ def load_model(model_dir) -> tuple[FusionEnsemble, dict]:
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise PosterFusionError(f"{folder}: model card and weights do not fit together ({str(exc).splitlines()[0]})") from None
     return model.eval(), card
+
+
+@torch.inference_mode()
+def predict_proba(model: FusionHead | FusionEnsemble, cnn: np.ndarray | None, det: np.ndarray | None,
+                  text: np.ndarray | None = None, batch: int = 4096) -> np.ndarray:
+    """Genre probabilities for feature rows, in batches (eval mode)."""
+    model.eval()
+    n = len(next(x for x in (cnn, det, text) if x is not None))
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, n, batch):
+        parts = [None if x is None else torch.as_tensor(x[s : s + batch], device=device) for x in (cnn, det, text)]
+        out.append(model.probabilities(*parts).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.n_genres), np.float32)

@@ -17,8 +17,7 @@ from .detectors.base import COCO_CLASSES, EXPRESSIONS
 from .errors import PosterFusionError
 from .extract import FrozenModels, Progress
 from .features import FeatureTable, stream_features
-from .model import CARD_FILE, load_model
-from .train import predict_proba
+from .model import CARD_FILE, load_model, predict_proba
 from .weights import objects_from_card, weights_dir
 from .words import WordModel
 

@@ -24,9 +24,9 @@ from .detectors import schema
 from .errors import PosterFusionError
 from .extract import FrozenModels, Progress, resolve_device
 from .features import FeatureTable, gather
-from .manifest import Manifest, load_manifest
-from .loop import Schedule, fit
-from .model import FusionEnsemble, FusionHead, HeadConfig, save_model
+from .manifest import Manifest, label_matrix, load_manifest
+from .loop import Schedule, fit, loss_function
+from .model import FusionEnsemble, FusionHead, HeadConfig, predict_proba, save_model
 from .words import WORDS_FILE, WordModel
 
 def models_for(config: dict, device: str = "auto") -> FrozenModels:
@@ -39,16 +39,6 @@ def models_for(config: dict, device: str = "auto") -> FrozenModels:
         backbone_view=config["backbone_view"],
         text=config["text"] and mode in ("text", "fusion"),
     )
-
-
-def label_matrix(manifest: Manifest, rows: np.ndarray, genres: list[str]) -> np.ndarray:
-    index = {g: i for i, g in enumerate(genres)}
-    y = np.zeros((len(rows), len(genres)), np.float32)
-    for r, genre_list in enumerate(manifest.table["genre_list"].iloc[rows]):
-        for g in genre_list:
-            if g in index:
-                y[r, index[g]] = 1.0
-    return y
 
 
 def split_rows(manifest: Manifest, rows: np.ndarray, y: np.ndarray, config: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -71,14 +61,6 @@ def split_positions(manifest: Manifest, rows: np.ndarray, name: str) -> np.ndarr
         raise PosterFusionError(f"{manifest.source}: no 'split' column; add one with 'fusion manifest split'")
     split = manifest.table["split"].iloc[rows].fillna("").str.strip().str.lower().to_numpy()
     return np.flatnonzero(split == name)
-
-
-def pos_weight(y: np.ndarray, config: dict) -> torch.Tensor:
-    """(negatives/positives)^power per genre, capped: rare genres are not ignored by BCE."""
-    power = {"none": 0.0, "sqrt": 0.5, "full": 1.0}[config["loss"]["pos_weight"]]
-    pos = y.sum(0).clip(min=1)
-    weight = ((len(y) - pos) / pos) ** power
-    return torch.as_tensor(np.minimum(weight, config["loss"]["max_pos_weight"]), dtype=torch.float32)
 
 
 def new_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, config: dict,
@@ -131,25 +113,6 @@ def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, trai
                  Schedule(opt["epochs"], opt["patience"]),
                  torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt["epochs"]), on_epoch)
     return head, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history}
-
-
-def loss_function(y_train: np.ndarray, config: dict, device: torch.device) -> torch.nn.Module:
-    """BCE with the config's per-genre positive weights: one loss for heads and fine-tunes."""
-    return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight(y_train, config).to(device))
-
-
-@torch.inference_mode()
-def predict_proba(model: FusionHead | FusionEnsemble, cnn: np.ndarray | None, det: np.ndarray | None,
-                  text: np.ndarray | None = None, batch: int = 4096) -> np.ndarray:
-    """Genre probabilities for feature rows, in batches (eval mode)."""
-    model.eval()
-    n = len(next(x for x in (cnn, det, text) if x is not None))
-    device = next(model.parameters()).device
-    out = []
-    for s in range(0, n, batch):
-        parts = [None if x is None else torch.as_tensor(x[s : s + batch], device=device) for x in (cnn, det, text)]
-        out.append(model.probabilities(*parts).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.n_genres), np.float32)
 
 
 def fit_and_validate(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray,
