@@ -86,7 +86,6 @@ def _fer_cv2_crops(rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def test_crop_faces_equals_fer_cv2_pipeline() -> None:
     """Same pixels as fer's cv2 code, including boxes that stick out of the image."""
-    pytest.importorskip("cv2")
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (150, 110, 3), dtype=np.uint8)
     rgb[40:90, 30:80] = rng.integers(0, 256, 3, dtype=np.uint8)  # flat patch: exercises rounding
@@ -104,7 +103,8 @@ def test_crop_faces_equals_fer_cv2_pipeline() -> None:
 
 def test_gray_matches_opencv() -> None:
     """1M random colours: a 14-bit or float luma formula would miss OpenCV on ~2,000 of them."""
-    cv2 = pytest.importorskip("cv2")
+    import cv2
+
     rgb = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
     np.testing.assert_array_equal(rgb_to_gray(rgb), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
 

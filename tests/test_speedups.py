@@ -234,7 +234,6 @@ def test_nanodet_top_nms_equals_full_nms_on_both_paths(reference: dict, torch_mo
 def test_onnx_export_is_cached(tmp_path: Path, monkeypatch) -> None:
     from posterfusion import onnx_runtime
 
-    pytest.importorskip("onnxruntime")
     monkeypatch.setenv("POSTERFUSION_ONNX_CACHE", str(tmp_path))
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     first = onnx_runtime.load(module, "tiny", "sha-of-tiny", (1, 3, 16, 16))
@@ -253,7 +252,6 @@ def test_export_leaves_the_pytorch_model_in_eval_mode(tmp_path: Path, monkeypatc
     """The exporter restores the top module's mode on the whole tree: frozen models must stay eval."""
     from posterfusion import onnx_runtime
 
-    pytest.importorskip("onnxruntime")
     monkeypatch.setenv("POSTERFUSION_ONNX_CACHE", str(tmp_path))
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
     wrapped = onnx_runtime.WithInputNormalization(net, torch.full((3,), 127.5), torch.full((3,), 127.5))
