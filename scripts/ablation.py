@@ -105,7 +105,7 @@ def merged(config: dict, overrides: dict) -> dict:
 
 
 def backbone_ms(name: str, view: str, paths: list[str], n: int = 96) -> float:
-    """The backbone's forward time per poster for a view, in batches of 8 (the README's cost column)."""
+    """The backbone's forward time per poster for a view, in batches of 8 (the ablation table's cost column)."""
     from posterfusion.backbone import create_backbone
     from posterfusion.images import decode_bytes
 

@@ -124,7 +124,7 @@ def fit_and_validate(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarr
     them there (what ablations compare).
 
     Under a backbone ensemble, heads on each network averaged late beat one head on the joined
-    embedding (README, Results)."""
+    embedding (docs/results.md)."""
     heads, fits = [], []
     for part in cnn_parts(cnn, config):
         for k in range(config["optim"]["ensemble"]):
