@@ -111,7 +111,7 @@ def _store_in_parts(tmp_path: Path, monkeypatch):
     from posterfusion import cache as cache_module
     from posterfusion.cache import FeatureStore
 
-    monkeypatch.setattr(cache_module, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(cache_module, "ROW_GROUP_BYTES", 4 * 3 * 4)  # 4 rows of 3 float32
     values = np.random.default_rng(0).normal(size=(30, 3)).astype(np.float32)
     keys = [f"k{i:02d}" for i in range(30)]
     store = FeatureStore.open(tmp_path, "backbone", {"name": "test"}, ["a", "b", "c"])

@@ -38,7 +38,15 @@ IDENTITY_FILE = "_identity.json"  # "_" prefix: pyarrow skips it when reading th
 LOCK_FILE = "_compact.lock"
 COMPACT_AFTER = 32  # parts; a 10,000-poster build would otherwise leave ~300 small files
 READ_ATTEMPTS = 20  # a reader starts over when compaction removed a part it had listed
-ROW_GROUP_ROWS = 1024  # a compacted part is read a row group at a time by :class:`StoreLookup`
+ROW_GROUP_BYTES = 1 << 20  # of float32 values per Parquet row group: what a lookup decodes to reach one row
+
+
+def row_group_rows(width: int) -> int:
+    """Rows per Parquet row group for rows of ``width`` float32 values: ~``ROW_GROUP_BYTES``
+    however wide the rows, so that reaching one row outside the groups a reader holds costs
+    ~1 MiB (a group of 1,024 2,560-d embeddings was 10 MiB, decoded per key by a shuffled
+    read of a store larger than :class:`StoreLookup`'s memory bound)."""
+    return max(1, ROW_GROUP_BYTES // (4 * width))
 
 
 def identity_digest(identity: dict) -> str:
@@ -134,7 +142,7 @@ class FeatureStore:
         import pyarrow.parquet as pq
 
         with atomic_path(self.folder / f"part-{time.time_ns():020d}-{tag}.parquet") as tmp:
-            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(table, tmp, row_group_size=row_group_rows(len(self.columns)))
 
     def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
         """All rows (or those of ``keys``, in that order, missing ones left out), deduplicated."""
@@ -340,7 +348,8 @@ class UriStore(FeatureStore):
         import pyarrow.parquet as pq
 
         final = self.folder / f"part-{time.time_ns():020d}-{tag}.parquet"
-        self._put(final, lambda tmp: pq.write_table(table, tmp, filesystem=self.filesystem, row_group_size=ROW_GROUP_ROWS))
+        self._put(final, lambda tmp: pq.write_table(table, tmp, filesystem=self.filesystem,
+                                                          row_group_size=row_group_rows(len(self.columns))))
 
     def _put(self, final: PurePosixPath, write) -> None:
         """``write(path)`` to a hidden name beside ``final``, then moved there; removed on failure."""
