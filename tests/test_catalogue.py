@@ -169,6 +169,10 @@ def test_an_unbounded_lookup_decodes_each_row_group_once_across_calls(tmp_path: 
         got, _ = lookup.rows([keys[i] for i in order[lo:lo + 5]])
         assert np.array_equal(got, expected[order[lo:lo + 5]])
     assert decoded[0] == 8
+    store.append(["late"], ["late"], np.full((1, 3), 7, np.float32), ["stored after the index"])
+    got, notes = lookup.rows(["k05", "late"])  # an unknown key: the lookup indexes the store again
+    assert np.array_equal(got, np.stack([expected[5], np.full(3, 7, np.float32)]))
+    assert notes == ["note k05", "stored after the index"]
 
 
 # --- inputs ---------------------------------------------------------------------------------------
