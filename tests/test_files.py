@@ -15,7 +15,7 @@ from helpers import tmpfs
 
 from posterfusion.errors import PosterFusionError
 from posterfusion.files import (
-    MAX_FILE_BYTES, atomic_path, check_writable, check_writable_folder, is_disk_full, read_regular_file,
+    MAX_FILE_BYTES, atomic_folder, atomic_path, check_writable, check_writable_folder, is_disk_full, read_regular_file,
     remove_stale_temps, temp_name,
 )
 
@@ -41,6 +41,39 @@ def test_atomic_path_replaces_the_file_only_when_the_block_succeeds(tmp_path: Pa
 def _dead_pid() -> int:
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(child.stdout)
+
+
+def test_atomic_folder_replaces_the_folder_whole_or_not_at_all(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    with atomic_folder(model, ("*.json", "*.bin")) as staging:
+        (staging / "card.json").write_text("1")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (model / "card.json").read_text() == "1"
+    with pytest.raises(OSError), atomic_folder(model, ("*.json", "*.bin")) as staging:
+        (staging / "weights.bin").write_text("2")
+        raise OSError(errno.ENOSPC, "No space left on device")  # after the weights, before the card
+    assert sorted(p.name for p in model.iterdir()) == ["card.json"] and (model / "card.json").read_text() == "1"
+    with atomic_folder(model, ("*.json", "*.bin")) as staging:
+        (staging / "card.json").write_text("3")
+        (staging / "weights.bin").write_text("3")
+    assert sorted(p.name for p in model.iterdir()) == ["card.json", "weights.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the old folder and the staging folder are gone
+
+
+def test_atomic_folder_refuses_a_folder_holding_other_files_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PosterFusionError, match="notes.txt.*new or empty folder"), atomic_folder(tmp_path, ("*.json",)):
+        pytest.fail("the block must not run")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_writers_staging_folder_is_removed_by_the_next(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".model.{dead.stdout.strip()}-0123abcd.tmp"
+    left.mkdir()
+    (left / "card.json").write_text("half")
+    with atomic_folder(tmp_path / "model", ("*.json",)) as staging:
+        (staging / "card.json").write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_only_temporary_files_of_dead_writers_are_removed(tmp_path: Path) -> None:

@@ -356,3 +356,31 @@ def test_model_from_other_detectors_is_refused(trained: Trained, real_cache, sha
     assert_one_line_error(result, str(model), fragment, "retrain")
     result = invoke("evaluate", "--manifest", real_cache.eval_manifest, "--model", model)
     assert_one_line_error(result, fragment)
+
+
+@pytest.mark.slow
+def test_a_training_that_fails_while_saving_leaves_the_previous_model_whole(tiny_model, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An injected full disk after the new weights are written: the old model is untouched and loads."""
+    import errno
+
+    from posterfusion import train as train_module
+    from posterfusion.errors import DiskFull
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model.model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    real_save = train_module.save_model
+
+    def save_then_fail(out_dir, head, card):
+        real_save(out_dir, head, card)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module, "save_model", save_then_fail)
+    share_models(monkeypatch)
+    config = load_config(None, {"text": True, "min_genre_posters": 2, "seed": 1, "optim": {"epochs": 2, "ensemble": 1}})
+    with pytest.raises(DiskFull, match="disk full while writing the model; what was there is unchanged"):
+        train_module.train(tiny_model.manifest, tiny_model.cache, config, model, device="cpu")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no half-written folder beside it
+    load_model(model)

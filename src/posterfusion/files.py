@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import re
+import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -60,6 +62,69 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """``path.write_text(text)``, atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | Path, holds: tuple[str, ...]) -> Iterator[Path]:
+    """A temporary folder to write ``final``'s files to (a model folder); on leaving the block
+    without an error every file is fsynced and the folder takes ``final``'s place in one step, so
+    a crash or a full disk at any moment leaves the old folder whole or the new one complete,
+    never a mix (the weights of one training and the card of another). On any error the temporary
+    folder is removed and the old one stays as it was; one a killed writer left is removed by the
+    next writer of the same folder. An existing ``final`` holding anything but files matching
+    ``holds`` (glob patterns: what such a folder is made of) is refused before any work starts,
+    since it is replaced whole: ``--out .`` must not take the current folder with it.
+
+    The step is an exchange of the two names (Linux's ``renameat2``): where the file system
+    cannot exchange, the old folder is renamed aside and the new one into place, and a crash
+    between the two renames leaves the old folder under its temporary name.
+    """
+    final = Path(final)
+    if final.is_dir():
+        foreign = sorted(p.name for p in final.iterdir() if not any(p.match(pattern) for pattern in holds))
+        if foreign:
+            raise PosterFusionError(f"{final}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                                    f"which is no part of what is written there ({', '.join(holds)}), and the folder "
+                                    "is replaced whole; choose a new or empty folder")
+    elif final.exists():
+        raise PosterFusionError(f"{final}: is a file; choose a folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # left by a killed writer
+        match = _TEMP.match(stale.name)
+        if match and stale.is_dir() and not _alive(int(match[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = temp_name(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if not final.exists():
+            os.replace(tmp, final)
+        elif not _exchange(tmp, final):
+            aside = temp_name(final)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            tmp = aside
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder after a swap, else the unfinished new one
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    if not done and ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP):
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+    return done
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:

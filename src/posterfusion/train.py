@@ -21,12 +21,13 @@ import torch
 from . import distributed, metrics
 from .backbone import embedding_parts
 from .detectors import schema
-from .errors import PosterFusionError
+from .errors import DiskFull, PosterFusionError
 from .extract import FrozenModels, Progress, resolve_device
 from .features import FeatureTable, gather
+from .files import atomic_folder, is_disk_full
 from .manifest import Manifest, label_matrix, load_manifest
 from .loop import Schedule, fit, loss_function
-from .model import FusionEnsemble, FusionHead, HeadConfig, predict_proba, save_model
+from .model import CARD_FILE, FusionEnsemble, FusionHead, HeadConfig, predict_proba, save_model
 from .words import WORDS_FILE, WordModel
 
 def models_for(config: dict, device: str = "auto") -> FrozenModels:
@@ -182,14 +183,33 @@ def prepare_data(manifest_path: str | Path, cache_dir: str | Path, config: dict,
     return TrainingData(manifest, models, table, genres, y, train_idx, val_idx)
 
 
+MODEL_FILES = (CARD_FILE, "*.safetensors")
+"""What a model folder holds (card, head weights, word model, a fine-tuned backbone)."""
+
+
 def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_dir: str | Path,
           device: str = "auto", progress: Progress | None = None,
           on_epoch: Callable[[int, float, float], None] | None = None) -> dict | None:
     """The whole `fusion train` command as a function; returns the model card.
 
+    The model folder is written whole or not at all (:func:`~posterfusion.files.atomic_folder`):
+    a run killed or out of disk at any moment leaves the model that was in ``out_dir`` as it was.
     Under torchrun (a fine-tune on several processes) rank 0 computes the cache's missing rows
     before the others read it, and alone writes the model; the other ranks return None.
     """
+    if not distributed.is_main():
+        return _train(manifest_path, cache_dir, config, Path(out_dir), device, progress, on_epoch)
+    try:
+        with atomic_folder(out_dir, MODEL_FILES) as staging:
+            return _train(manifest_path, cache_dir, config, staging, device, progress, on_epoch)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFull(f"{out_dir}: disk full while writing the model; what was there is unchanged") from None
+
+
+def _train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_dir: Path, device: str,
+           progress: Progress | None, on_epoch: Callable[[int, float, float], None] | None) -> dict | None:
     start = time.perf_counter()
     if config["finetune"]["enabled"] and len(embedding_parts(config["backbone"])) > 1:
         raise PosterFusionError(f"config: finetune trains one network, and backbone '{config['backbone']}' is several; "
