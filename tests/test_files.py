@@ -13,9 +13,9 @@ from typing import Iterator
 import pytest
 from helpers import tmpfs
 
-from posterfusion.errors import PosterFusionError
+from posterfusion.errors import PosterFusionError, is_disk_full
 from posterfusion.files import (
-    MAX_FILE_BYTES, atomic_folder, atomic_path, check_writable, check_writable_folder, is_disk_full, read_regular_file,
+    MAX_FILE_BYTES, atomic_folder, atomic_path, check_writable, check_writable_folder, read_regular_file,
     remove_stale_temps, temp_name,
 )
 

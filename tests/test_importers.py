@@ -694,3 +694,26 @@ def test_real_posters_through_folders_layout(real_sample: pd.DataFrame, tmp_path
     expected = {Path(r.poster).name: r.genres.split("|")[0] for r in real_sample.itertuples()}
     assert {Path(p).name: g for p, g in zip(result.manifest["poster"],
                                            result.manifest["genres"])} == expected
+
+
+@pytest.mark.parametrize("command", ["import", "split", "stats --plot"])
+def test_cli_writers_on_a_full_disk_say_so_in_one_line_and_leave_no_file(command: str, tmp_path: Path) -> None:
+    from helpers import tmpfs
+
+    rows = [(f"tt{i:07d}", "movie", "2000", "Drama,Comedy") for i in range(400)]  # ~16 KB of manifest
+    source = write_imdb(tmp_path / "imdb", rows)
+    manifest = tmp_path / "m.csv"
+    write_manifest(synthetic_manifest(2000), manifest)
+    with tmpfs(tmp_path / "full", "size=8k") as full:
+        arguments = {
+            "import": ["import", "imdb", str(source), "-o", str(full / "m.csv")],
+            "split": ["split", str(manifest), "--out", str(full / "split.csv")],
+            "stats --plot": ["stats", str(manifest), "--plot", str(full / "genres.png")],
+        }[command]
+        result = runner.invoke(manifest_app, arguments)
+        left = sorted(p.name for p in full.iterdir())
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {full}/") and "disk full; nothing half-written was left there" in last
+    assert left == []

@@ -31,8 +31,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .errors import DiskFull, PosterFusionError
-from .files import atomic_path, is_disk_full, remove_stale_temps, write_text_atomic
+from .errors import DiskFull, PosterFusionError, is_disk_full
+from .files import atomic_path, remove_stale_temps, write_text_atomic
 
 IDENTITY_FILE = "_identity.json"  # "_" prefix: pyarrow skips it when reading the folder
 LOCK_FILE = "_compact.lock"

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .errors import PosterFusionError
+from .errors import PosterFusionError, is_disk_full
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 """Largest poster file read: far above any real poster (a few MB), far below a memory problem."""
@@ -54,6 +54,11 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
+    except OSError as exc:
+        if is_disk_full(exc) and exc.errno is not None and exc.filename in (None, str(tmp)):
+            exc.filename = str(final)  # what the user asked for, not its temporary name (a bare
+            # message, as pyarrow raises, would lose its text: such errors are left as they are)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -152,16 +157,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether an error means the disk (or the user's quota) is full, whoever raised it: pyarrow's
-    errors carry no errno, only the C library's message."""
-    if not isinstance(exc, OSError):
-        return False
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or any(
-        os.strerror(code) in str(exc) for code in (errno.ENOSPC, errno.EDQUOT)
-    )
 
 
 def check_writable(path: Path | None, option: str) -> None:

@@ -13,7 +13,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from posterfusion.errors import PosterFusionError
+from posterfusion.errors import PosterFusionError, is_disk_full
 from posterfusion.files import atomic_path
 from posterfusion.importers.cleanup import poster_path
 
@@ -192,6 +192,8 @@ def plot_genre_counts(stats: ManifestStats, path: Path) -> None:
         with atomic_path(path) as tmp:
             figure.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
     except (OSError, ValueError) as error:
+        if is_disk_full(error):
+            raise  # one line at the CLI's edge, as for every writer (errors.user_errors)
         raise PosterFusionError(f"cannot write the chart to {path}: {error}") from None
     finally:
         plt.close(figure)

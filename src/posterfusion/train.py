@@ -21,10 +21,10 @@ import torch
 from . import distributed, metrics
 from .backbone import embedding_parts
 from .detectors import schema
-from .errors import DiskFull, PosterFusionError
+from .errors import DiskFull, PosterFusionError, is_disk_full
 from .extract import FrozenModels, Progress, resolve_device
 from .features import FeatureTable, gather
-from .files import atomic_folder, is_disk_full
+from .files import atomic_folder
 from .manifest import Manifest, label_matrix, load_manifest
 from .loop import Schedule, fit, loss_function
 from .model import CARD_FILE, FusionEnsemble, FusionHead, HeadConfig, predict_proba, save_model
