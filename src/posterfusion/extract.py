@@ -21,13 +21,8 @@ from typing import Any, Iterable, Iterator, Protocol, TypeVar
 import numpy as np
 import torch
 
-from . import onnx_runtime
+from . import onnx_runtime, settings
 
-# oneDNN caches a compiled kernel per convolution shape, 1024 by default. MTCNN's R-Net and O-Net
-# and the expression model see a new batch size (their number of candidate faces) in nearly every
-# call, so the cache grew by ~0.8 MB per poster over a build (1.0 -> 1.9 GB in 1,000 posters).
-# 64 entries keep every recurring shape (the P-Net pyramid) at the same speed, with flat memory.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 from .backbone import Backbone, create_backbone
 from .cache import FeatureStore, disk_full_reported
 from .defaults import DEFAULT_BACKBONE, DEFAULT_VIEW
@@ -207,10 +202,7 @@ class FrozenModels:
                  device: str = "auto", backbone_weights: str | Path | None = None,
                  concurrent: bool | None = None, backbone_view: str | None = DEFAULT_VIEW, text: bool = False) -> None:
         self.device = resolve_device(device)
-        if self.device.type == "cuda":
-            # Cached features must not depend on the hardware: no TF32 shortcuts in frozen models.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        settings.apply(self.device)
         cores = torch.get_num_threads()
         if concurrent is None:
             concurrent = self.device.type == "cpu" and cores >= 2 and (objects is not None or text)
@@ -358,9 +350,9 @@ def model_batch_size(device: torch.device) -> int | None:
     in-build time 152 -> 107 ms/poster). A GPU wants the largest batch.
     ``POSTERFUSION_MODEL_BATCH`` overrides it (0: whole batches).
     """
-    override = os.environ.get("POSTERFUSION_MODEL_BATCH")
+    override = settings.model_batch_override()
     if override is not None:
-        return int(override) or None
+        return override or None
     return 1 if device.type == "cpu" else None
 
 

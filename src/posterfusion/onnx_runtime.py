@@ -17,7 +17,6 @@ Where the export or that check fails, or ``POSTERFUSION_RUNTIME=torch`` is set, 
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import PosterFusionError
+from . import settings
 from .files import atomic_path, remove_stale_temps
 
 CHECK_TOLERANCE = 1e-3
@@ -35,7 +35,7 @@ CHECK_TOLERANCE = 1e-3
 
 def enabled(device: torch.device) -> bool:
     """Whether frozen models on ``device`` should run through onnxruntime."""
-    if device.type != "cpu" or os.environ.get("POSTERFUSION_RUNTIME", "").lower() == "torch":
+    if device.type != "cpu" or settings.torch_runtime_forced():
         return False
     try:
         import onnxruntime  # noqa: F401
@@ -45,8 +45,7 @@ def enabled(device: torch.device) -> bool:
 
 
 def cache_dir() -> Path:
-    override = os.environ.get("POSTERFUSION_ONNX_CACHE")
-    return Path(override) if override else Path.home() / ".cache" / "posterfusion" / "onnx"
+    return settings.onnx_cache()
 
 
 class OrtModel:

@@ -10,19 +10,18 @@ A file's sha256 is its identity in cache keys and model cards, and is checked ag
 from __future__ import annotations
 
 import hashlib
-import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from . import settings
 from .errors import PosterFusionError
 
 
 def weights_dir() -> Path:
     """The folder holding converted weights and the default model: the installed package's data
     (the repository's ``weights/`` in an editable install), unless ``POSTERFUSION_WEIGHTS`` is set."""
-    override = os.environ.get("POSTERFUSION_WEIGHTS")
-    return Path(override) if override else Path(str(resources.files("posterfusion._weights")))
+    return settings.weights_override() or Path(str(resources.files("posterfusion._weights")))
 
 
 @lru_cache(maxsize=None)
