@@ -76,13 +76,10 @@ def frozen_models():
 
 
 def share_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the CLI and library reuse loaded models: FrozenModels(...) is memoised."""
+    """Make the CLI and library reuse loaded models: the one factory, create_frozen_models, is memoised."""
     import posterfusion.extract
-    import posterfusion.predict
-    import posterfusion.train
 
-    for module in (posterfusion.extract, posterfusion.predict, posterfusion.train):
-        monkeypatch.setattr(module, "FrozenModels", _shared_frozen_models)
+    monkeypatch.setattr(posterfusion.extract, "create_frozen_models", _shared_frozen_models)
 
 
 @pytest.fixture

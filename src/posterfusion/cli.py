@@ -108,11 +108,13 @@ def build(
                 summary = on_ray.run(manifest.paths, batch_size, progress)
         where = str(on_ray)
     else:
-        from .extract import FrozenModels, build_cache, open_stores
+        from . import extract
 
-        models = FrozenModels(objects, backbone_name, device, backbone_view=view, text=text)
+        models = extract.create_frozen_models(objects=objects, backbone=backbone_name, device=device,
+                                              backbone_view=view, text=text)
         with _RichProgress(len(manifest), "detect-cache") as progress:
-            summary = build_cache(manifest.paths, open_stores(models, cache), models, batch_size, workers, progress)
+            summary = extract.build_cache(manifest.paths, extract.open_stores(models, cache), models, batch_size,
+                                          workers, progress)
         where = models.device
     typer.echo(
         f"{len(manifest)} posters: {summary.done} done, {summary.cached} cached, {summary.skipped} skipped "

@@ -327,6 +327,12 @@ def _split(items: list[Item]) -> Extracted:
                      text_items=[i for i in items if i.text_input is not None])
 
 
+def create_frozen_models(**spec: Any) -> FrozenModels:
+    """The frozen models (:class:`FrozenModels`' keyword arguments), made here and nowhere else in
+    the package, so that tests share loaded models by replacing this one function (tests/conftest.py)."""
+    return FrozenModels(**spec)
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """PyTorch's intra-op threads set to ``n`` for the block."""

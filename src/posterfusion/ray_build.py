@@ -44,7 +44,8 @@ class RayBuild:
         from .detectors import Preparer
 
         # The stores' identities, and the one-line errors for unknown models, before Ray starts.
-        models = extract.FrozenModels(objects, backbone, "cpu", backbone_view=view, text=text)
+        models = extract.create_frozen_models(objects=objects, backbone=backbone, device="cpu", backbone_view=view,
+                                              text=text)
         self.stores = extract.open_stores(models, cache)
         del models  # the actors load their own
         self.dataset = extract.poster_dataset(self.stores, Preparer(objects) if objects else None,
@@ -149,7 +150,7 @@ class _ModelWorker:
     """A Ray actor: the frozen models, loaded once, run on prepared batches."""
 
     def __init__(self, spec: dict) -> None:
-        self.models = extract.FrozenModels(**spec)
+        self.models = extract.create_frozen_models(**spec)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         items: list[Item] = pickle.loads(row["items"])

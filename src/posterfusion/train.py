@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, metrics
+from . import distributed, extract, metrics
 from .backbone import embedding_parts
 from .detectors import schema
 from .errors import DiskFull, PosterFusionError, is_disk_full
@@ -33,7 +33,7 @@ from .words import WORDS_FILE, WordModel
 def models_for(config: dict, device: str = "auto") -> FrozenModels:
     """The frozen models a config's mode needs (detectors, backbone or both)."""
     mode = config["mode"]
-    return FrozenModels(
+    return extract.create_frozen_models(
         objects=config["objects"] if mode in ("detectors", "fusion") else None,
         backbone=config["backbone"] if mode in ("cnn", "fusion") else None,
         device=device,
@@ -326,7 +326,7 @@ def read_text(paths: list[str], cache_dir: str | Path | None, device: str = "aut
               progress: Progress | None = None) -> tuple[dict, list[str]]:
     """What OCR reads on each poster (" / "-joined lines; "" where unreadable), through the cache's
     text store, and the reader's identity."""
-    ocr = FrozenModels(None, None, device, text=True)
+    ocr = extract.create_frozen_models(objects=None, backbone=None, device=device, text=True)
     table = gather(paths, ocr, cache_dir, progress=progress)
     docs = [""] * len(paths)
     for position, doc in zip(table.rows, table.text_read):
@@ -341,7 +341,6 @@ def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path
     the tuned backbone's embeddings of the table's posters (stored in the cache under its own
     identity), that identity for the model card, and how the fine-tune went (None on torchrun's
     ranks other than 0)."""
-    from .extract import FrozenModels
     from .features import gather
     from .finetune import finetune
 
@@ -354,8 +353,8 @@ def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path
                      out_dir, on_epoch)
     if tuned is None:
         return None
-    models = FrozenModels(None, config["backbone"], str(device), backbone_weights=tuned.backbone_file,
-                          backbone_view=config["backbone_view"])
+    models = extract.create_frozen_models(objects=None, backbone=config["backbone"], device=str(device),
+                                          backbone_weights=tuned.backbone_file, backbone_view=config["backbone_view"])
     identity = models.backbone.identity
     if tuned.embeddings is None:  # end to end: embed every poster with the tuned backbone
         cnn = np.full((len(paths), models.backbone.dim), np.nan, np.float32)
