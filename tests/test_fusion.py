@@ -384,3 +384,30 @@ def test_a_training_that_fails_while_saving_leaves_the_previous_model_whole(tiny
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no half-written folder beside it
     load_model(model)
+
+
+@pytest.mark.slow
+def test_training_on_combined_collections_uses_each_ones_split(tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two collections joined by `fusion manifest combine` train one model: their train and val rows
+    are used, their test rows held out, and the source column is carried along untouched."""
+    from posterfusion.manifest_tools import combine_manifests, write_manifest
+    from posterfusion.train import train
+
+    table = pd.read_csv(tiny_model.manifest, dtype=str, keep_default_na=False)
+    halves = []
+    for k, part in enumerate((table.iloc[::2], table.iloc[1::2])):
+        part = part.copy()
+        part["poster"] = [str(tiny_model.manifest.parent / p) for p in part["poster"]]
+        part.loc[part.index[:2], "split"] = "test"
+        halves.append(tmp_path / f"half{k}.csv")
+        part.to_csv(halves[-1], index=False)
+    combined, repeated = combine_manifests(halves, tmp_path)
+    assert repeated == 0 and combined["source"].nunique() == 2
+    write_manifest(combined, tmp_path / "all.csv")
+    share_models(monkeypatch)
+    config = load_config(None, {"text": True, "min_genre_posters": 2, "words": {"enabled": False},
+                                "optim": {"epochs": 2, "ensemble": 1}})
+    card = train(tmp_path / "all.csv", tiny_model.cache, config, tmp_path / "model", device="cpu")
+    splits = combined["split"].str.lower()
+    assert card["training"]["train_posters"] == int((splits == "train").sum())
+    assert card["training"]["val_posters"] == int((splits == "val").sum())  # the 4 test rows in neither
