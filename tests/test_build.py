@@ -247,6 +247,16 @@ def test_yolo_without_weights_file_is_a_one_line_error(tiny_manifest: Path, tmp_
     assert_one_line_error(result, "/nonexistent.pt", "weights file not found", "--objects nanodet")
 
 
+def test_yolo_without_ultralytics_names_the_extra(tiny_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    weights = tmp_path / "yolo.pt"
+    weights.write_bytes(b"a weights file")
+    monkeypatch.setitem(sys.modules, "ultralytics", None)  # as if the yolo extra were not installed
+    result = invoke(detect_cache_app, "build", tiny_manifest, "--cache", tmp_path / "cache", "--objects", f"yolo:{weights}")
+    assert_one_line_error(result, str(weights), "needs ultralytics", "pip install 'posterfusion[yolo]'")
+
+
 def test_info_on_a_missing_cache_is_a_one_line_error(tmp_path: Path) -> None:
     assert_one_line_error(invoke(detect_cache_app, "info", "--cache", tmp_path / "nope"), "no such cache folder")
 
@@ -429,7 +439,7 @@ def test_predict_samples_with_the_shipped_model(shared_models) -> None:
     if not (default_model_dir() / "card.json").is_file():
         pytest.skip(f"no shipped default model at {default_model_dir()} yet")
     samples = sample_images()
-    assert samples, "no sample images found in installed packages"
+    assert samples, "no sample images found in the package"
     result = invoke(fusion_app, "predict", "--samples", "--json")
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]

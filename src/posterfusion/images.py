@@ -31,7 +31,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 def _pil_open():
     """PIL's own ``Image.open``, even where a package has monkey-patched it.
 
-    Importing ultralytics (the YOLO backend, the sample images) replaces ``Image.open`` with a
+    Importing ultralytics (the YOLO backend) replaces ``Image.open`` with a
     wrapper that, on a file PIL cannot identify, tries to pip-install ``pi-heif`` and then fails
     with ModuleNotFoundError offline: a text file named .jpg would crash a whole build.
     """

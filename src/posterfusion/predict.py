@@ -30,11 +30,11 @@ def default_model_dir() -> Path:
 
 
 def sample_images() -> list[Path]:
-    """Images that ship inside installed packages: a demo that needs no data of one's own."""
-    import ultralytics
+    """The images that ship inside posterfusion (samples/README.md): a demo that needs no data of
+    one's own."""
+    from importlib import resources
 
-    assets = Path(ultralytics.__file__).parent / "assets"
-    return sorted(assets.glob("*.jpg"))
+    return sorted(Path(str(resources.files("posterfusion") / "samples")).glob("*.jpg"))
 
 
 @dataclass

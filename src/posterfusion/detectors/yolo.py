@@ -39,7 +39,11 @@ class YoloDetector:
                 "--objects yolo:PATH, or use the offline default --objects nanodet"
             )
         os.environ.setdefault("YOLO_OFFLINE", "1")
-        from ultralytics import YOLO
+        try:
+            from ultralytics import YOLO
+        except ImportError:
+            raise PosterFusionError(f"{path}: --objects yolo:PATH needs ultralytics (AGPL-3.0), an optional extra: "
+                                    "pip install 'posterfusion[yolo]'") from None
 
         try:
             self.model = YOLO(str(path), task="detect")
