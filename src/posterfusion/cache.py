@@ -226,8 +226,9 @@ class StoreLookup:
     one (``fusion predict --cache`` over a catalogue) never holds more than that. ``None`` keeps
     every group read, for callers that keep every row anyway (:func:`posterfusion.features.gather`).
 
-    Another process's compaction may remove an indexed part: the index is then made again, as it
-    is for a key stored after it was made.
+    The parts' files are opened when the keys are indexed and held open, so another process's
+    compaction, which deletes the parts it merged, cannot take rows from under a lookup; a key
+    stored after the index was made makes it index again.
     """
 
     MEMORY_BYTES = 256 << 20
@@ -266,7 +267,7 @@ class StoreLookup:
                 self._index()
             try:
                 return self._take(keys)
-            except (FileNotFoundError, KeyError):
+            except KeyError:  # still unknown after indexing again: gone since it was asked for
                 continue
         missing = [key for key in keys if key not in self.where]
         raise PosterFusionError(f"{self.store.folder}: {len(missing)} posters' rows vanished from the cache while reading")
