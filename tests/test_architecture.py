@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "posterfusion"
-INFERENCE = ("predict", "explain", "evaluate", "serve", "annotate", "report")
+INFERENCE = ("predict", "explain", "evaluate", "serve", "annotate", "report", "audit", "audit_report")
 TRAINING = ("train", "finetune")
 
 

@@ -242,22 +242,22 @@ def test_progress_bar_when_asked(tiny_model: Path, catalogue: list[str], shared_
 
 
 def test_a_torn_last_line_is_cut_and_the_rest_kept(tmp_path: Path) -> None:
-    from posterfusion.outputs import LineResults, csv_header
+    from posterfusion.outputs import LineResults, PredictionLayout
 
     out = tmp_path / "out.csv"
-    header = ",".join(csv_header(["Drama", "Horror"]))
+    header = ",".join(PredictionLayout(["Drama", "Horror"]).header())
     out.write_text(f"{header}\na.jpg,Drama,0.9,0.1,\nb.jpg,Horror,0.2,0.8,\nc.jpg,Dra")
-    results = LineResults(out, "csv", ["Drama", "Horror"], 3)
+    results = LineResults(out, "csv", PredictionLayout(["Drama", "Horror"]))
     assert results.done == {"a.jpg", "b.jpg"}
     results.write([Prediction("c.jpg", ["Drama"], {"Drama": 0.7, "Horror": 0.3})])
     results.close()
     assert out.read_text() == f"{header}\na.jpg,Drama,0.9,0.1,\nb.jpg,Horror,0.2,0.8,\nc.jpg,Drama,0.7000,0.3000,\n"
 
-    with pytest.raises(Exception, match="not this model's genres"):
-        LineResults(out, "csv", ["Comedy"], 3)
+    with pytest.raises(Exception, match="not this run's"):
+        LineResults(out, "csv", PredictionLayout(["Comedy"]))
     jsonl = tmp_path / "out.jsonl"
     jsonl.write_text('{"poster": "a.jpg"}\n{"poster": "b.j')
-    assert LineResults(jsonl, "jsonl", ["Drama"], 3).done == {"a.jpg"}
+    assert LineResults(jsonl, "jsonl", PredictionLayout(["Drama"])).done == {"a.jpg"}
     assert jsonl.read_text() == '{"poster": "a.jpg"}\n'
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import shutil
 import socket
 import tempfile
 import threading
@@ -149,32 +147,6 @@ def test_uploads_are_written_only_to_a_temporary_folder_that_goes(server: str, t
 
 
 # --- the page, in a real browser ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory):
-    """Headless Chromium (Debian's chromium and chromium-driver; .ci/run installs them).
-
-    Without them the test is skipped, saying how to run it; where ``POSTERFUSION_REQUIRE_BROWSER=1``
-    (set by .ci/run) a missing browser fails it instead, so CI cannot pass without the page tested."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        why = "the browser test needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver"
-        if os.environ.get("POSTERFUSION_REQUIRE_BROWSER") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=Service(executable_path=driver))
-    yield browser
-    browser.quit()
 
 
 @pytest.mark.slow

@@ -242,7 +242,7 @@ def predict_command(
 
     from .files import check_writable, check_writable_folder
     from .manifest import poster_list, walk_images
-    from .outputs import Printed, check_format, open_results
+    from .outputs import PredictionLayout, Printed, check_format, open_results
     from .predict import Predictor, sample_images
 
     if out is not None and (as_json or as_csv):
@@ -273,10 +273,10 @@ def predict_command(
 
         annotations = AnnotationFolder(predictor, annotate)
     if out is not None:
-        sink = open_results(out, predictor.genres, top_k)
+        sink = open_results(out, PredictionLayout(predictor.genres, top_k))
         done = sink.done
     else:
-        sink, done = Printed("json" if as_json else "csv" if as_csv else "text", predictor.genres, top_k), set()
+        sink, done = Printed("json" if as_json else "csv" if as_csv else "text", PredictionLayout(predictor.genres, top_k)), set()
     todo = (p for p in itertools.chain(first, source) if p not in done)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
@@ -299,6 +299,68 @@ def predict_command(
         return
     where = f" -> {out} ({len(done)} already there)" if out is not None else ""
     typer.echo(f"{predicted} posters predicted, {report.failed} skipped (model: {predictor.model_dir}){where}", err=True)
+
+
+@fusion_app.command("audit")
+@user_errors
+def audit_command(
+    manifest: Path = typer.Argument(..., help="Labelled manifest (poster, genres) of the catalogue to check."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Read/extend this feature cache instead of computing in memory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a record per poster to this .csv, .jsonl or .parquet file as they come; a rerun skips the posters already in it."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML page of the findings, ranked, with thumbnails and evidence."),
+    top: int = typer.Option(100, "--top", min=1, help="Posters shown per kind of finding in the report."),
+    show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar on stderr (default: when stderr is a terminal)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    objects: Optional[str] = typer.Option(None, "--objects", help="The model's object detector file, yolo:PATH, where its card names one."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    words: bool = typer.Option(True, "--words/--no-words", help="Apply the model's word model (OCR on every poster); --no-words: the head alone, ~3x faster on a CPU."),
+) -> None:
+    """Check a labelled catalogue against its posters: labelled genres a poster does not convey,
+    and genres a record probably misses, each scored and explained.
+
+    Without --out the posters with findings are printed; the summary line ends the run.
+    """
+    import sys
+
+    from .audit import AuditLayout, Auditor, catalogue_records, read_audits
+    from .files import check_writable
+    from .outputs import Printed, check_format, open_results
+    from .predict import Predictor
+
+    check_writable(out, "--out")
+    check_writable(report, "--report")
+    if out is not None:
+        check_format(out)
+    records = catalogue_records(manifest)
+    auditor = Auditor(Predictor(model, device, objects, words))
+    unknown = auditor.unknown(records)
+    if unknown:
+        typer.echo(f"{manifest}: genres the model does not know, left out: "
+                   + ", ".join(f"{g} ({n} posters)" for g, n in unknown.items()), err=True)
+    layout = AuditLayout(auditor.genres)
+    sink = open_results(out, layout) if out is not None else Printed("text", layout)
+    done = getattr(sink, "done", set())
+    todo = [r for r in records if r[0] not in done]
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    audits = []
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_RichProgress(len(todo), "audit")) if show_progress else None
+        failures = _PredictReport(bar)
+        stack.callback(sink.close)
+        for batch in auditor.stream(todo, cache, batch_size, failures):
+            sink.write(batch)
+            audits.extend(batch)
+    if report is not None:
+        from .audit_report import write_audit_report
+
+        everything = read_audits(out) if out is not None else audits
+        write_audit_report(report, everything, auditor.genres, f"posterfusion audit: {manifest.name}", top, unknown)
+    counts = {kind: sum(1 for a in audits for f in a.findings if f.kind == kind) for kind in ("not conveyed", "probably missing")}
+    where = f" -> {out} ({len(done)} already there)" if out is not None else ""
+    typer.echo(f"{len(audits) - failures.failed} posters audited: {counts['not conveyed']} labelled genres not conveyed, "
+               f"{counts['probably missing']} probably missing; {failures.failed} skipped{where}", err=True)
 
 
 @fusion_app.command("evaluate")

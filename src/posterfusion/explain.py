@@ -105,26 +105,13 @@ def explain(predictor: Predictor, rgb: np.ndarray, prediction: Prediction) -> Ex
     genres = [g for g, _ in prediction.top(TOP_GENRES)]
     columns = [predictor.genres.index(g) for g in genres]
     result = Explanation(objects, faces, expressions, text_boxes)
-    head = predict_proba(predictor.head, cnn_row, detector_row, text_row)
-    base = head[0, columns]
     if prepared_cnn is not None:
+        base = predict_proba(predictor.head, cnn_row, detector_row, text_row)[0, columns]
         heat = _occlusion(predictor, prepared_cnn, detector_row, text_row)[:, columns]
         result.heat = {g: (base[k] - heat[:, k]).reshape(GRID_ROWS, GRID_COLS) for k, g in enumerate(genres)}
-    result.contributions = _contributions(predictor, cnn_row, detector_row, text_row, columns, genres, base)
-    if predictor.words is not None:
-        _add_words(result, predictor, head, columns, genres)
+    read = " / ".join(t.text for t in text_boxes) if models.text is not None else None
+    result.contributions = contributions(predictor, cnn_row, detector_row, text_row, read, genres)
     return result
-
-
-def _add_words(result: Explanation, predictor: Predictor, head: np.ndarray, columns: list[int],
-               genres: list[str]) -> None:
-    """The word model's part: the final probability with the words read against with none read."""
-    doc = " / ".join(t.text for t in result.text)
-    read, blank = (predictor.words.mix(head, [d])[0, columns] for d in (doc, ""))
-    for k, genre in enumerate(genres):
-        items = result.contributions.get(genre, []) + [("words read", float(read[k] - blank[k]))]
-        result.contributions[genre] = [kv for kv in sorted(items, key=lambda kv: -abs(kv[1]))[:TOP_CONTRIBUTIONS]
-                                       if abs(kv[1]) >= 1e-4]
 
 
 def _counted(found: Detections) -> Detections:
@@ -160,11 +147,16 @@ def _training_mean(norm) -> np.ndarray:
     return np.where(norm.log_mask.cpu().numpy(), np.expm1(mean), mean).astype(np.float32)
 
 
-def _contributions(predictor: Predictor, cnn_row: np.ndarray | None, detector_row: np.ndarray | None,
-                   text_row: np.ndarray | None, columns: list[int], genres: list[str],
-                   base: np.ndarray) -> dict[str, list[tuple[str, float]]]:
-    """Per genre, the feature groups whose own values moved its probability most, with the change."""
+def contributions(predictor: Predictor, cnn_row: np.ndarray | None, detector_row: np.ndarray | None,
+                  text_row: np.ndarray | None, read: str | None, genres: list[str],
+                  top: int = TOP_CONTRIBUTIONS) -> dict[str, list[tuple[str, float]]]:
+    """Per genre, the ``top`` feature groups whose own values moved its probability most, with the
+    change (positive: the poster's value pushed the genre up). Works from feature rows alone (one
+    poster's, shape (1, width)), so cached posters are explained without decoding them again.
+    ``read``: the text OCR read, for the word model's part (the final probability with it against
+    with none read); None leaves the words out."""
     head = predictor.head.heads[0]  # every head of an ensemble is standardised on the same rows
+    columns = [predictor.genres.index(g) for g in genres]
     names: list[str] = []
     cnn, det, text = [], [], []
 
@@ -174,6 +166,7 @@ def _contributions(predictor: Predictor, cnn_row: np.ndarray | None, detector_ro
         det.append(d)
         text.append(t)
 
+    variant("", cnn_row, detector_row, text_row)  # the poster as it is
     if detector_row is not None and head.use_detectors:
         mean = _training_mean(head.detector_norm)
         for name, idx in feature_groups().items():
@@ -184,12 +177,16 @@ def _contributions(predictor: Predictor, cnn_row: np.ndarray | None, detector_ro
         variant("text read", cnn_row, detector_row, _training_mean(head.text_norm)[None])
     if cnn_row is not None and head.use_cnn:
         variant("picture (CNN)", predictor.head.cnn_training_mean()[None], detector_row, text_row)
-    if not names:
-        return {}
     stacked = [None if parts[0] is None else np.concatenate(parts) for parts in (cnn, det, text)]
-    changes = base[None, :] - predict_proba(predictor.head, *stacked)[:, columns]
+    probabilities = predict_proba(predictor.head, *stacked)
+    changes = probabilities[0, columns][None, :] - probabilities[1:, columns]
+    names = names[1:]
+    if predictor.words is not None and read is not None:
+        with_words, blank = (predictor.words.mix(probabilities[:1], [d])[0, columns] for d in (read, ""))
+        changes = np.concatenate([changes, (with_words - blank)[None]])
+        names.append("words read")
     out = {}
     for k, genre in enumerate(genres):
-        order = np.argsort(-np.abs(changes[:, k]))[:TOP_CONTRIBUTIONS]
+        order = np.argsort(-np.abs(changes[:, k]))[:top]
         out[genre] = [(names[i], float(changes[i, k])) for i in order if abs(changes[i, k]) >= 1e-4]
     return out

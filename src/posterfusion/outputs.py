@@ -1,5 +1,5 @@
-"""Where predictions go, a batch at a time: the terminal or a pipe, or a results file that a rerun
-completes.
+"""Where per-poster records (predictions, audits) go, a batch at a time: the terminal or a pipe, or
+a results file that a rerun completes. A :class:`Layout` says how one kind of record is written.
 
 Every format is written as each batch finishes, so a reader downstream (``| head``, a log, a
 database loader) works while the run goes on, and a run killed over a catalogue has kept all
@@ -36,38 +36,70 @@ FORMATS = (".csv", ".jsonl", ".parquet")
 
 
 class Sink(Protocol):
-    def write(self, batch: list[Prediction]) -> None: ...
+    def write(self, batch: list) -> None: ...
     def close(self) -> None: ...
 
 
-def json_record(p: Prediction, top_k: int) -> dict:
-    """A prediction as one JSON-ready record (``--json`` lines, ``.jsonl`` files)."""
-    return {"poster": p.path, "genres": p.genres, "top": p.top(top_k), "probabilities": p.probabilities,
-            "evidence": p.evidence, "error": p.error or None}
+class Layout(Protocol):
+    """How one kind of per-poster record is written (a prediction, an audit): its CSV columns,
+    JSON object, Parquet schema and lines for people. Every layout starts with ``poster``, the
+    key a rerun resumes by."""
+
+    def header(self) -> list[str]: ...
+    def row(self, item) -> list[str]: ...
+    def record(self, item) -> dict: ...
+    def arrow_schema(self): ...
+    def arrow_columns(self, batch: list) -> dict[str, list]: ...
+    def text(self, item) -> list[str]: ...
 
 
-def csv_header(genres: list[str]) -> list[str]:
-    return ["poster", "genres", *genres, "error"]
+class PredictionLayout:
+    """:class:`~posterfusion.predict.Prediction` records: genres, ``top_k`` probabilities (JSON) or
+    all of them (CSV, Parquet), and the evidence."""
 
+    def __init__(self, genres: list[str], top_k: int = 3) -> None:
+        self.genres, self.top_k = genres, top_k
 
-def csv_fields(p: Prediction, genres: list[str]) -> list[str]:
-    """A prediction as a CSV row under :func:`csv_header` (empty probabilities where unreadable)."""
-    probabilities = [f"{p.probabilities[g]:.4f}" if p.probabilities else "" for g in genres]
-    return [p.path, "|".join(p.genres), *probabilities, p.error]
+    def header(self) -> list[str]:
+        return ["poster", "genres", *self.genres, "error"]
 
+    def row(self, p: Prediction) -> list[str]:
+        probabilities = [f"{p.probabilities[g]:.4f}" if p.probabilities else "" for g in self.genres]
+        return [p.path, "|".join(p.genres), *probabilities, p.error]
 
-def text_lines(p: Prediction, top_k: int) -> list[str]:
-    """A prediction for people: genres and top probabilities, then what the detectors saw and read."""
-    top = ", ".join(f"{g} {prob:.2f}" for g, prob in p.top(top_k))
-    lines = [f"{p.path}: {' | '.join(p.genres)}   [{top}]"]
-    if "objects" in p.evidence:
-        objs = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(p.evidence["objects"].items())[:6]) or "no objects"
-        faces = p.evidence["faces"]
-        expr = f" ({p.evidence['expression']})" if faces else ""
-        lines.append(f"    saw: {objs}; {faces} face{'s' if faces != 1 else ''}{expr}")
-    if "read" in p.evidence:
-        lines.append(f"    read: {p.evidence['read'] or '(no text)'}")
-    return lines
+    def record(self, p: Prediction) -> dict:
+        return {"poster": p.path, "genres": p.genres, "top": p.top(self.top_k), "probabilities": p.probabilities,
+                "evidence": p.evidence, "error": p.error or None}
+
+    def arrow_schema(self):
+        import pyarrow as pa
+
+        return pa.schema([("poster", pa.string()), ("genres", pa.list_(pa.string())),
+                          *[(g, pa.float32()) for g in self.genres], ("evidence", pa.string()), ("error", pa.string())])
+
+    def arrow_columns(self, batch: list[Prediction]) -> dict[str, list]:
+        return {
+            "poster": [p.path for p in batch],
+            "genres": [p.genres for p in batch],
+            **{g: [p.probabilities.get(g) for p in batch] for g in self.genres},
+            "evidence": [json.dumps(p.evidence) if p.evidence else None for p in batch],
+            "error": [p.error or None for p in batch],
+        }
+
+    def text(self, p: Prediction) -> list[str]:
+        """Genres and top probabilities, then what the detectors saw and read."""
+        if p.error:
+            return []  # its one-line report goes to stderr
+        top = ", ".join(f"{g} {prob:.2f}" for g, prob in p.top(self.top_k))
+        lines = [f"{p.path}: {' | '.join(p.genres)}   [{top}]"]
+        if "objects" in p.evidence:
+            objs = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(p.evidence["objects"].items())[:6]) or "no objects"
+            faces = p.evidence["faces"]
+            expr = f" ({p.evidence['expression']})" if faces else ""
+            lines.append(f"    saw: {objs}; {faces} face{'s' if faces != 1 else ''}{expr}")
+        if "read" in p.evidence:
+            lines.append(f"    read: {p.evidence['read'] or '(no text)'}")
+        return lines
 
 
 def _csv_text(rows: list[list[str]]) -> str:
@@ -77,23 +109,22 @@ def _csv_text(rows: list[list[str]]) -> str:
 
 
 class Printed:
-    """Predictions on standard output as ``text``, ``csv`` or ``json`` lines, flushed per batch.
-    Unreadable posters get no text lines here: their one-line report goes to stderr."""
+    """Records on standard output as ``text``, ``csv`` or ``json`` lines, flushed per batch."""
 
-    def __init__(self, form: str, genres: list[str], top_k: int, stream: TextIO | None = None) -> None:
-        self.form, self.genres, self.top_k = form, genres, top_k
+    def __init__(self, form: str, layout: Layout, stream: TextIO | None = None) -> None:
+        self.form, self.layout = form, layout
         self.stream = stream or sys.stdout
         if form == "csv":
-            self.stream.write(_csv_text([csv_header(genres)]))
+            self.stream.write(_csv_text([layout.header()]))
             self.stream.flush()
 
-    def write(self, batch: list[Prediction]) -> None:
+    def write(self, batch: list) -> None:
         if self.form == "csv":
-            self.stream.write(_csv_text([csv_fields(p, self.genres) for p in batch]))
+            self.stream.write(_csv_text([self.layout.row(p) for p in batch]))
         elif self.form == "json":
-            self.stream.write("".join(json.dumps(json_record(p, self.top_k)) + "\n" for p in batch))
+            self.stream.write("".join(json.dumps(self.layout.record(p)) + "\n" for p in batch))
         else:
-            self.stream.write("".join(line + "\n" for p in batch if not p.error for line in text_lines(p, self.top_k)))
+            self.stream.write("".join(line + "\n" for p in batch for line in self.layout.text(p)))
         self.stream.flush()
 
     def close(self) -> None:
@@ -108,22 +139,22 @@ def check_format(path: Path) -> str:
     return suffix[1:]
 
 
-def open_results(path: Path, genres: list[str], top_k: int) -> "LineResults | ParquetResults":
+def open_results(path: Path, layout: Layout) -> "LineResults | ParquetResults":
     """The results file ``path`` (its suffix says the format), ready to take the rest of a run."""
     form = check_format(path)
-    return ParquetResults(path, genres, top_k) if form == "parquet" else LineResults(path, form, genres, top_k)
+    return ParquetResults(path, layout) if form == "parquet" else LineResults(path, form, layout)
 
 
 class LineResults:
     """A CSV or JSON-lines results file, appended to a batch at a time; ``done``: the posters it
     held when opened."""
 
-    def __init__(self, path: Path, form: str, genres: list[str], top_k: int) -> None:
-        self.path, self.form, self.genres, self.top_k = path, form, genres, top_k
+    def __init__(self, path: Path, form: str, layout: Layout) -> None:
+        self.path, self.form, self.layout = path, form, layout
         self.done = self._resume()
         self.handle = open(path, "a", encoding="utf-8", newline="")
         if form == "csv" and self.handle.tell() == 0:
-            self._append(_csv_text([csv_header(genres)]))
+            self._append(_csv_text([layout.header()]))
 
     def _resume(self) -> set[str]:
         """The posters already in the file, after cutting off a line a killed run left unfinished."""
@@ -135,9 +166,9 @@ class LineResults:
             if self.form == "csv":
                 rows = csv.reader(handle)
                 header = next(rows, None)
-                if header is not None and header != csv_header(self.genres):
-                    raise PosterFusionError(f"--out {self.path}: its columns are not this model's genres; "
-                                            "write to a new file")
+                if header is not None and header != self.layout.header():
+                    raise PosterFusionError(f"--out {self.path}: its columns are not this run's (another model's "
+                                            "genres, or another command's file); write to a new file")
                 done.update(row[0] for row in rows if row)
                 return done
             for number, line in enumerate(handle, 1):
@@ -149,11 +180,11 @@ class LineResults:
                                                 "JSON results; write to a new file") from None
         return done
 
-    def write(self, batch: list[Prediction]) -> None:
+    def write(self, batch: list) -> None:
         if self.form == "csv":
-            self._append(_csv_text([csv_fields(p, self.genres) for p in batch]))
+            self._append(_csv_text([self.layout.row(p) for p in batch]))
         else:
-            self._append("".join(json.dumps(json_record(p, self.top_k)) + "\n" for p in batch))
+            self._append("".join(json.dumps(self.layout.record(p)) + "\n" for p in batch))
 
     def _append(self, text: str) -> None:
         self.handle.write(text)
@@ -185,13 +216,10 @@ class ParquetResults:
     """A Parquet results file: parts per batch beside it, merged into it when the run ends;
     ``done``: the posters the file and the parts held when opened."""
 
-    def __init__(self, path: Path, genres: list[str], top_k: int) -> None:
-        import pyarrow as pa
-
-        self.path, self.genres, self.top_k = path, genres, top_k
+    def __init__(self, path: Path, layout: Layout) -> None:
+        self.path, self.layout = path, layout
         self.parts = path.with_name(path.name + ".parts")
-        self.schema = pa.schema([("poster", pa.string()), ("genres", pa.list_(pa.string())),
-                                 *[(g, pa.float32()) for g in genres], ("evidence", pa.string()), ("error", pa.string())])
+        self.schema = layout.arrow_schema()
         self.done = self._resume()
         self.count = len(self._part_files())
 
@@ -211,23 +239,17 @@ class ParquetResults:
             except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not Parquet
                 raise PosterFusionError(f"--out {file}: not a readable Parquet file ({exc}); write to a new file") from None
             if not schema.equals(self.schema):
-                raise PosterFusionError(f"--out {file}: its columns are not this model's genres; write to a new file")
+                raise PosterFusionError(f"--out {file}: its columns are not this run's (another model's genres, "
+                                        "or another command's file); write to a new file")
             done.update(posters)
         return done
 
-    def write(self, batch: list[Prediction]) -> None:
+    def write(self, batch: list) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = {
-            "poster": [p.path for p in batch],
-            "genres": [p.genres for p in batch],
-            **{g: [p.probabilities.get(g) for p in batch] for g in self.genres},
-            "evidence": [json.dumps(p.evidence) if p.evidence else None for p in batch],
-            "error": [p.error or None for p in batch],
-        }
         with atomic_path(self.parts / f"part-{self.count:08d}.parquet") as tmp:
-            pq.write_table(pa.table(columns, schema=self.schema), tmp)
+            pq.write_table(pa.table(self.layout.arrow_columns(batch), schema=self.schema), tmp)
         self.count += 1
 
     def close(self) -> None:

@@ -87,7 +87,7 @@ class Predictor:
         of a batch is kept once it is handed over, so memory does not grow with the posters.
         """
         for table in stream_features(paths, self.models, cache_dir, batch_size, progress=progress):
-            yield self._predictions(table)
+            yield self.predictions(table)
 
     def predict(self, paths: Iterable[str], cache_dir: str | Path | None = None, batch_size: int = 32,
                 progress: Progress | None = None) -> list[Prediction]:
@@ -102,8 +102,9 @@ class Predictor:
         probs = predict_proba(self.head, table.cnn, table.detectors, table.text)
         return probs if self.words is None else self.words.mix(probs, table.text_read)
 
-    def _predictions(self, table: FeatureTable) -> list[Prediction]:
-        """The model and the thresholds on one batch of features."""
+    def predictions(self, table: FeatureTable) -> list[Prediction]:
+        """The model and the thresholds on one batch of features, a :class:`Prediction` per poster
+        the batch covers (unreadable ones with their error)."""
         probs = self.probabilities(table)
         out = [Prediction(p) for p in table.paths]
         for position, reason in table.errors().items():

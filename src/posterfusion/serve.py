@@ -83,7 +83,7 @@ def predict_uploads(predictor: Predictor, uploads: list[tuple[str, bytes]], anno
     """The API's records for checked uploads: each written under its position into a temporary
     folder, predicted in one batch, and if ``annotate``, explained and drawn."""
     from .annotate import annotate as draw
-    from .outputs import json_record
+    from .outputs import PredictionLayout
 
     if not uploads:
         raise UploadError(400, "no files: send one or more posters as the multipart field 'files'")
@@ -98,13 +98,13 @@ def predict_uploads(predictor: Predictor, uploads: list[tuple[str, bytes]], anno
             path.write_bytes(data)
             paths.append(str(path))
         predictions = predictor.predict(paths, batch_size=limits.max_files)
-    records = []
+    records, layout = [], PredictionLayout(predictor.genres, top_k)
     for (name, _), rgb, prediction in zip(uploads, pixels, predictions):
         prediction.path = name
         if prediction.error:  # decoded above, so only a poster the models could not take
             raise UploadError(422, f"{name}: {prediction.error}")
         picture = draw(predictor, prediction, rgb) if annotate else None
-        record = json_record(prediction, top_k)
+        record = layout.record(prediction)
         if picture is not None:
             buffer = io.BytesIO()
             picture.image.save(buffer, format="PNG")
