@@ -200,6 +200,7 @@ class Forwards:
             if self.head is not None:  # the head as predict runs it, on feature rows
                 import numpy as np
 
+                from posterfusion.features import Features
                 from posterfusion.model import predict_proba
 
                 config = self.head.config
@@ -207,7 +208,7 @@ class Forwards:
                 det = np.zeros((hi - lo, config.detector_dim), np.float32) if config.detector_dim else None
                 self.sync()
                 start = time.perf_counter()
-                predict_proba(self.head, cnn, det)
+                predict_proba(self.head, Features(cnn, det))
                 self.sync()
                 out["head"] = time.perf_counter() - start
         return out

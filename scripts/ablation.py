@@ -21,7 +21,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -128,24 +128,23 @@ def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache:
         docs_test = test_docs(data, test, row.test_words_from, cache, str(device))
     for seed in seeds:
         run = row_config | {"seed": seed}
-        mode = run["mode"]
-        cnn = data.table.cnn if mode in ("cnn", "fusion") else None
-        det = data.table.detectors if mode in ("detectors", "fusion") else None
-        text = data.table.text if run["text"] and mode in ("text", "fusion") else None
-        if det is not None and row.v1_detectors:
-            det = det * V1_MASK
+        x = data.table.features.for_mode(run["mode"])
+        if not run["text"]:
+            x = replace(x, text=None)
+        if x.detectors is not None and row.v1_detectors:
+            x = replace(x, detectors=x.detectors * V1_MASK)
         train_idx, val_idx = data.train_idx, data.val_idx
         if run["finetune"]["enabled"]:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 cnn, _, tuned = finetuned_embeddings(data, run, cache, Path(tmp), device)
+                x = replace(x, cnn=cnn)
                 fine_tunes.append({"seconds": time.perf_counter() - start, "best_epoch": tuned["best_epoch"],
                                    "joint_val_map": tuned["best_val_map"]})
-        model, _, thresholds, val_scores = fit_and_validate(cnn, det, data.y, train_idx, val_idx, data.genres, run,
-                                                            device, text=text)
-        prob = predict_proba(model, *(None if a is None else a[test] for a in (cnn, det, text)))
+        model, _, thresholds, val_scores = fit_and_validate(x, data.y, train_idx, val_idx, data.genres, run, device)
+        prob = predict_proba(model, x.rows(test))
         if word_model is not None:  # as `fusion train` adds it, then read on the test posters
-            head_val = predict_proba(model, *(None if a is None else a[val_idx] for a in (cnn, det, text)))
+            head_val = predict_proba(model, x.rows(val_idx))
             mixed_val = weigh_words(word_model, card, data.y[val_idx], head_val, docs_val)
             thresholds = metrics.tune_thresholds(data.y[val_idx], mixed_val)
             val_scores = metrics.evaluate(data.y[val_idx], mixed_val, thresholds, data.genres)

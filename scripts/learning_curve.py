@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +86,11 @@ def main() -> None:
         for mode in MODES:
             for seed in seeds:
                 start = time.perf_counter()
-                det = data.table.detectors if mode == "fusion" else None
-                model, _, thresholds, _ = fit_and_validate(data.table.cnn, det, data.y, subset, data.val_idx, data.genres,
+                x = replace(data.table.features.for_mode(mode), text=None)
+                model, _, thresholds, _ = fit_and_validate(x, data.y, subset, data.val_idx, data.genres,
                                                            config | {"mode": mode, "seed": seed}, device)
                 for name, rows in tests.items():
-                    prob = predict_proba(model, data.table.cnn[rows], None if det is None else det[rows])
+                    prob = predict_proba(model, x.rows(rows))
                     scores = metrics.evaluate(data.y[rows], prob, thresholds, data.genres)
                     point["scores"].setdefault(f"{mode} {name}", []).append(
                         {k: scores[k] for k in ("map", "macro_f1", "micro_f1")} | {"seconds": time.perf_counter() - start})

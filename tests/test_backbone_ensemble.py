@@ -14,6 +14,7 @@ from posterfusion.config import load_config
 from posterfusion.errors import PosterFusionError
 from posterfusion.metrics import average_precision_per_genre
 from posterfusion.model import CARD_FILE, load_model, save_model
+from posterfusion.features import Features
 from posterfusion.model import predict_proba
 from posterfusion.train import cnn_parts, fit_and_validate, train
 
@@ -65,10 +66,10 @@ def test_heads_read_their_own_network_and_the_card_keeps_the_parts(tmp_path: Pat
     config = load_config(None, {"backbone": PAIR, "mode": "cnn", "optim": {"epochs": 20, "ensemble": 2}})
     assert cnn_parts(cnn, config) == [(0, half), (half, half)]
 
-    model, _, _, validation = fit_and_validate(cnn, None, y, train_idx, val_idx, ["A", "B"], config, torch.device("cpu"))
+    model, _, _, validation = fit_and_validate(Features(cnn), y, train_idx, val_idx, ["A", "B"], config, torch.device("cpu"))
     assert [(h.config.cnn_offset, h.config.cnn_dim) for h in model.heads] == [(0, half)] * 2 + [(half, half)] * 2
     assert min(g["ap"] for g in validation["per_genre"]) > 0.65  # the prior is ~0.4
-    first, second = (average_precision_per_genre(y[val_idx], predict_proba(model.heads[k], cnn[val_idx], None))
+    first, second = (average_precision_per_genre(y[val_idx], predict_proba(model.heads[k], Features(cnn[val_idx])))
                      for k in (0, 2))
     assert first[0] > second[0] + 0.2 and second[1] > first[1] + 0.2
     assert model.cnn_dim == 2 * half and np.allclose(model.cnn_training_mean(), cnn[train_idx].mean(0), atol=1e-4)
@@ -76,22 +77,22 @@ def test_heads_read_their_own_network_and_the_card_keeps_the_parts(tmp_path: Pat
     save_model(tmp_path / "m", model, {"genres": ["A", "B"]})
     loaded, card = load_model(tmp_path / "m")
     assert card["cnn_parts"] == [[0, half], [0, half], [half, half], [half, half]]
-    assert np.array_equal(predict_proba(loaded, cnn, None), predict_proba(model, cnn, None))
+    assert np.array_equal(predict_proba(loaded, Features(cnn)), predict_proba(model, Features(cnn)))
     with pytest.raises(ValueError, match="read 2560-wide embeddings, not 1280"):  # one network's features
-        predict_proba(loaded, cnn[:, :half], None)
+        predict_proba(loaded, Features(cnn[:, :half]))
 
 
 def test_a_card_from_before_ensembles_still_loads(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     cnn, y = rng.normal(size=(60, 1280)).astype(np.float32), (rng.random((60, 2)) < 0.5).astype(np.float32)
     config = load_config(None, {"mode": "cnn", "optim": {"epochs": 2, "ensemble": 2}})
-    model, *_ = fit_and_validate(cnn, None, y, np.arange(40), np.arange(40, 60), ["A", "B"], config, torch.device("cpu"))
+    model, *_ = fit_and_validate(Features(cnn), y, np.arange(40), np.arange(40, 60), ["A", "B"], config, torch.device("cpu"))
     save_model(tmp_path / "m", model, {"genres": ["A", "B"]})
     card = json.loads((tmp_path / "m" / CARD_FILE).read_text())
     del card["cnn_parts"], card["head"]["cnn_offset"]
     (tmp_path / "m" / CARD_FILE).write_text(json.dumps(card))
     loaded, _ = load_model(tmp_path / "m")
-    assert np.array_equal(predict_proba(loaded, cnn, None), predict_proba(model, cnn, None))
+    assert np.array_equal(predict_proba(loaded, Features(cnn)), predict_proba(model, Features(cnn)))
 
 
 def test_fine_tuning_an_ensemble_is_refused_before_any_work(tmp_path: Path) -> None:

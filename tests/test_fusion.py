@@ -153,14 +153,14 @@ def test_save_and_load_give_identical_predictions(real_cache, frozen_models, tmp
     for seed in (0, 1):
         config = load_config(None, {"optim": {"epochs": 3}, "seed": seed})
         train, val = split_rows(manifest, table.rows, y, config)
-        heads.append(fit_head(table.cnn, table.detectors, y, train, val, config, frozen_models.device)[0])
+        heads.append(fit_head(table.features, y, train, val, config, frozen_models.device)[0])
     model = FusionEnsemble(heads)
-    before = predict_proba(model, table.cnn, table.detectors)
+    before = predict_proba(model, table.features)
 
     save_model(tmp_path / "m", model, {"genres": genres})
     loaded, card = load_model(tmp_path / "m")
     assert card["genres"] == genres and card["head"] == heads[0].config.to_dict()
-    after = predict_proba(loaded, table.cnn, table.detectors)
+    after = predict_proba(loaded, table.features)
     assert np.array_equal(before, after)
     # The standardisers travel with the weights: not the identity transform after loading.
     stds = [v for k, v in loaded.state_dict().items() if k.endswith("detector_norm.std")]
@@ -172,7 +172,7 @@ def test_predictor_matches_the_trained_head(trained: Trained, real_cache, shared
     paths = pd.read_csv(real_cache.eval_manifest)["poster"].tolist()
     head, _ = load_model(trained.model)
     table = gather(paths, shared_models, real_cache.cache)
-    direct = predict_proba(head, table.cnn, table.detectors)
+    direct = predict_proba(head, table.features)
 
     resaved = tmp_path / "resaved"
     save_model(resaved, head, {k: v for k, v in trained.card.items() if k != "head"})

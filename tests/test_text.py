@@ -108,6 +108,7 @@ def test_text_store_through_the_build(tmp_path: Path, real_manifest: Path) -> No
 def test_text_branch_learns_from_words() -> None:
     """A head with only the text branch learns genres that its words give away."""
     from posterfusion.config import load_config
+    from posterfusion.features import Features
     from posterfusion.model import predict_proba
     from posterfusion.train import fit_head
     from posterfusion import metrics
@@ -120,7 +121,7 @@ def test_text_branch_learns_from_words() -> None:
     text[:, word : word + 3] += y * 2  # each genre has its word
     config = load_config(None, {"mode": "text", "optim": {"epochs": 20, "patience": 20, "batch_size": 64}})
     train, val = np.arange(800), np.arange(800, n)
-    head, _ = fit_head(None, None, y, train, val, config, torch.device("cpu"), text=text)
+    head, _ = fit_head(Features(text=text), y, train, val, config, torch.device("cpu"))
     assert head.use_text and not head.use_cnn and not head.use_detectors
-    prob = predict_proba(head, None, None, text[val])
+    prob = predict_proba(head, Features(text=text[val]))
     assert metrics.mean_average_precision(y[val], prob) > 0.8  # the genres' frequency alone: ~0.3

@@ -161,15 +161,15 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     # predict: the head's probabilities, moved by what the words make of each poster's text.
     paths = pd.read_csv(real_cache.eval_manifest)["poster"].tolist()[:12]
     predictions = Predictor(model, "cpu").predict(paths, cache)
-    features = gather(paths, FrozenModels("nanodet", DEFAULT_BACKBONE, "cpu", text=True), cache)
+    table = gather(paths, FrozenModels("nanodet", DEFAULT_BACKBONE, "cpu", text=True), cache)
     head, _ = load_model(model)
     word_model = WordModel.load(model)
-    expected = word_model.mix(predict_proba(head, features.cnn, features.detectors), features.text_read)
+    expected = word_model.mix(predict_proba(head, table.features), table.text_read)
     got = np.array([[p.probabilities[g] for g in card["genres"]] for p in predictions])
     np.testing.assert_allclose(got, expected, atol=1e-6)
-    assert [p.evidence["read"] for p in predictions] == features.text_read
+    assert [p.evidence["read"] for p in predictions] == table.text_read
     if word_model.weight.any():
-        assert not np.allclose(got, predict_proba(head, features.cnn, features.detectors), atol=1e-4)
+        assert not np.allclose(got, predict_proba(head, table.features), atol=1e-4)
 
     result = CliRunner().invoke(fusion_app, ["evaluate", "--manifest", str(real_cache.eval_manifest), "--model",
                                              str(model), "--cache", str(cache)], catch_exceptions=False)
@@ -181,7 +181,7 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
     assert head_only.thresholds.tolist() == pytest.approx(words["head_thresholds"])
     plain = head_only.predict(paths, cache)
     got = np.array([[p.probabilities[g] for g in card["genres"]] for p in plain])
-    np.testing.assert_allclose(got, predict_proba(head, features.cnn, features.detectors), atol=1e-6)
+    np.testing.assert_allclose(got, predict_proba(head, table.features), atol=1e-6)
     assert all("read" not in p.evidence for p in plain)
     quick = CliRunner().invoke(fusion_app, ["predict", paths[0], "--model", str(model), "--no-words", "--json"],
                                catch_exceptions=False)

@@ -30,7 +30,7 @@ import numpy as np
 from .errors import PosterFusionError
 from .explain import contributions
 from .extract import Progress
-from .features import stream_features
+from .features import Features, stream_features
 from .predict import Predictor
 
 NOT_CONVEYED, MISSING = "not conveyed", "probably missing"
@@ -103,12 +103,11 @@ class Auditor:
             audits = [PosterAudit(p.path, self.known(records[table.start + k][1]), p.genres, p.probabilities,
                                   seen=p.evidence, error=p.error) for k, p in enumerate(predictions)]
             for r, position in enumerate(table.rows):
-                rows = tuple(None if a is None else a[r : r + 1] for a in (table.cnn, table.detectors, table.text))
                 read = table.text_read[r] if table.text_read is not None else None
-                self._find(audits[position - table.start], rows, read)
+                self._find(audits[position - table.start], table.features.rows(slice(r, r + 1)), read)
             yield audits
 
-    def _find(self, audit: PosterAudit, rows: tuple, read: str | None) -> None:
+    def _find(self, audit: PosterAudit, features: Features, read: str | None) -> None:
         """The poster's findings, highest score first, each with the groups that moved its genre."""
         probabilities = np.array([audit.probabilities[g] for g in self.genres])
         labelled = np.isin(self.genres, audit.labelled)
@@ -117,7 +116,7 @@ class Auditor:
         if not len(found):
             return
         genres = [self.genres[i] for i in found]
-        why = contributions(self.predictor, *rows, read, genres, top=EVIDENCE)
+        why = contributions(self.predictor, features, read, genres, top=EVIDENCE)
         audit.findings = sorted(
             (Finding(NOT_CONVEYED if labelled[i] else MISSING, self.genres[i], round(float(scores[i]), 4),
                      round(float(probabilities[i]), 4), round(float(self.predictor.thresholds[i]), 4),

@@ -15,15 +15,16 @@ Where the model has a word model, "words read" is the change it makes to the fin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from .detectors import schema
 from .detectors.base import COCO_CLASSES, EXPRESSIONS, Detections
-from .predict import Prediction, Predictor
+from .features import Features
 from .model import predict_proba
+from .predict import Prediction, Predictor
 
 GRID_ROWS, GRID_COLS = 6, 4
 """Occlusion cells over the poster: about square on a 2:3 poster, 24 CNN passes per poster."""
@@ -105,12 +106,13 @@ def explain(predictor: Predictor, rgb: np.ndarray, prediction: Prediction) -> Ex
     genres = [g for g, _ in prediction.top(TOP_GENRES)]
     columns = [predictor.genres.index(g) for g in genres]
     result = Explanation(objects, faces, expressions, text_boxes)
+    poster = Features(cnn_row, detector_row, text_row)
     if prepared_cnn is not None:
-        base = predict_proba(predictor.head, cnn_row, detector_row, text_row)[0, columns]
-        heat = _occlusion(predictor, prepared_cnn, detector_row, text_row)[:, columns]
+        base = predict_proba(predictor.head, poster)[0, columns]
+        heat = _occlusion(predictor, prepared_cnn, poster)[:, columns]
         result.heat = {g: (base[k] - heat[:, k]).reshape(GRID_ROWS, GRID_COLS) for k, g in enumerate(genres)}
     read = " / ".join(t.text for t in text_boxes) if models.text is not None else None
-    result.contributions = contributions(predictor, cnn_row, detector_row, text_row, read, genres)
+    result.contributions = contributions(predictor, poster, read, genres)
     return result
 
 
@@ -120,8 +122,7 @@ def _counted(found: Detections) -> Detections:
     return Detections(found.boxes[keep], found.scores[keep], found.labels[keep])
 
 
-def _occlusion(predictor: Predictor, prepared: torch.Tensor, detector_row: np.ndarray | None,
-               text_row: np.ndarray | None) -> np.ndarray:
+def _occlusion(predictor: Predictor, prepared: torch.Tensor, poster: Features) -> np.ndarray:
     """Genre probabilities with each grid cell of the CNN's input greyed out, (cells, genres)."""
     backbone, device = predictor.models.backbone, predictor.models.device
     _, height, width = prepared.shape
@@ -133,12 +134,8 @@ def _occlusion(predictor: Predictor, prepared: torch.Tensor, detector_row: np.nd
         for c in range(GRID_COLS):
             hidden[r * GRID_COLS + c, :, ys[r]:ys[r + 1], xs[c]:xs[c + 1]] = grey
     embeddings = backbone.embed(hidden.to(device)).float().cpu().numpy()
-    n = len(embeddings)
-    return predict_proba(predictor.head, embeddings, _tiled(detector_row, n), _tiled(text_row, n))
-
-
-def _tiled(row: np.ndarray | None, n: int) -> np.ndarray | None:
-    return None if row is None else np.repeat(row, n, axis=0)
+    tiled = poster.rows(np.zeros(len(embeddings), np.int64))  # the poster's other groups, once per cell
+    return predict_proba(predictor.head, Features(embeddings, tiled.detectors, tiled.text))
 
 
 def _training_mean(norm) -> np.ndarray:
@@ -147,38 +144,30 @@ def _training_mean(norm) -> np.ndarray:
     return np.where(norm.log_mask.cpu().numpy(), np.expm1(mean), mean).astype(np.float32)
 
 
-def contributions(predictor: Predictor, cnn_row: np.ndarray | None, detector_row: np.ndarray | None,
-                  text_row: np.ndarray | None, read: str | None, genres: list[str],
+def contributions(predictor: Predictor, poster: Features, read: str | None, genres: list[str],
                   top: int = TOP_CONTRIBUTIONS) -> dict[str, list[tuple[str, float]]]:
     """Per genre, the ``top`` feature groups whose own values moved its probability most, with the
-    change (positive: the poster's value pushed the genre up). Works from feature rows alone (one
-    poster's, shape (1, width)), so cached posters are explained without decoding them again.
+    change (positive: the poster's value pushed the genre up). Works from one poster's feature rows
+    alone, so cached posters are explained without decoding them again.
     ``read``: the text OCR read, for the word model's part (the final probability with it against
     with none read); None leaves the words out."""
     head = predictor.head.heads[0]  # every head of an ensemble is standardised on the same rows
     columns = [predictor.genres.index(g) for g in genres]
-    names: list[str] = []
-    cnn, det, text = [], [], []
-
-    def variant(name: str, c: np.ndarray | None, d: np.ndarray | None, t: np.ndarray | None) -> None:
-        names.append(name)
-        cnn.append(c)
-        det.append(d)
-        text.append(t)
-
-    variant("", cnn_row, detector_row, text_row)  # the poster as it is
-    if detector_row is not None and head.use_detectors:
+    names, variants = [""], [poster]  # the poster as it is, then with one group at its training mean
+    if poster.detectors is not None and head.use_detectors:
         mean = _training_mean(head.detector_norm)
         for name, idx in feature_groups().items():
-            changed = detector_row.copy()
+            changed = poster.detectors.copy()
             changed[0, idx] = mean[idx]
-            variant(name, cnn_row, changed, text_row)
-    if text_row is not None and head.use_text:
-        variant("text read", cnn_row, detector_row, _training_mean(head.text_norm)[None])
-    if cnn_row is not None and head.use_cnn:
-        variant("picture (CNN)", predictor.head.cnn_training_mean()[None], detector_row, text_row)
-    stacked = [None if parts[0] is None else np.concatenate(parts) for parts in (cnn, det, text)]
-    probabilities = predict_proba(predictor.head, *stacked)
+            names.append(name)
+            variants.append(replace(poster, detectors=changed))
+    if poster.text is not None and head.use_text:
+        names.append("text read")
+        variants.append(replace(poster, text=_training_mean(head.text_norm)[None]))
+    if poster.cnn is not None and head.use_cnn:
+        names.append("picture (CNN)")
+        variants.append(replace(poster, cnn=predictor.head.cnn_training_mean()[None]))
+    probabilities = predict_proba(predictor.head, Features.join(variants))
     changes = probabilities[0, columns][None, :] - probabilities[1:, columns]
     names = names[1:]
     if predictor.words is not None and read is not None:

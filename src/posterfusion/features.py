@@ -14,10 +14,54 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import torch
 
 from .cache import StoreLookup
 from .detectors import schema
 from .extract import BuildSummary, Extracted, FrozenModels, Item, Progress, extract_batches, open_stores
+
+
+@dataclass(frozen=True)
+class Features:
+    """Posters' feature groups, a row per poster, as a head's branches read them: the CNN embedding,
+    the detector features (``schema.COLUMNS``) and the text features (``schema.TEXT_COLUMNS``); a
+    group that was not computed is None. Built from cache rows in one place
+    (:class:`~posterfusion.features.FeatureTable`) and passed whole, so training, prediction,
+    explanation and the ablations name the groups the same way."""
+
+    cnn: np.ndarray | None = None
+    detectors: np.ndarray | None = None
+    text: np.ndarray | None = None
+
+    def groups(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """The groups in the order a head's ``forward`` takes them."""
+        return self.cnn, self.detectors, self.text
+
+    def __len__(self) -> int:
+        return next((len(g) for g in self.groups() if g is not None), 0)
+
+    def rows(self, index) -> "Features":
+        """The posters at ``index`` (positions, a mask or a slice), every group alike."""
+        return Features(*(None if g is None else g[index] for g in self.groups()))
+
+    def for_mode(self, mode: str) -> "Features":
+        """Only the groups a head of ``mode`` reads (an ablation's one-branch heads)."""
+        return Features(self.cnn if mode in ("cnn", "fusion") else None,
+                        self.detectors if mode in ("detectors", "fusion") else None,
+                        self.text if mode in ("text", "fusion") else None)
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, ...]:
+        """The groups as tensors on ``device``, for a head's ``forward``."""
+        return tuple(None if g is None else torch.as_tensor(g, device=device) for g in self.groups())
+
+    @classmethod
+    def join(cls, parts: list["Features"]) -> "Features":
+        """Consecutive rows as one: the groups of the parts, stacked."""
+        if not parts:
+            return cls()
+        return cls(*(None if group[0] is None else np.concatenate(group) for group in zip(*(p.groups() for p in parts))))
+
+
 
 @dataclass
 class FeatureTable:
@@ -25,11 +69,9 @@ class FeatureTable:
 
     rows: np.ndarray  # positions in the input of the posters with features
     keys: list[str]
-    cnn: np.ndarray | None
-    detectors: np.ndarray | None
+    features: Features  # a row per poster with features
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), in input order
-    text: np.ndarray | None = None  # the text detector's features, where it ran
-    text_read: list[str] | None = None  # and the lines it read, " / "-joined
+    text_read: list[str] | None = None  # the lines the text detector read, " / "-joined, where it ran
     paths: list[str] = field(default_factory=list)  # every poster covered, in input order
     start: int = 0
 
@@ -42,18 +84,12 @@ class FeatureTable:
     @classmethod
     def join(cls, tables: list["FeatureTable"]) -> "FeatureTable":
         """Consecutive tables as one."""
-
-        def stack(arrays: list) -> np.ndarray | None:
-            return None if not arrays or arrays[0] is None else np.concatenate(arrays)
-
         read = [t.text_read for t in tables]
         return cls(
             np.concatenate([t.rows for t in tables]) if tables else np.zeros(0, np.int64),
             [k for t in tables for k in t.keys],
-            stack([t.cnn for t in tables]),
-            stack([t.detectors for t in tables]),
+            Features.join([t.features for t in tables]),
             [f for t in tables for f in t.failures],
-            stack([t.text for t in tables]),
             None if not read or read[0] is None else [r for part in read for r in part],
             [p for t in tables for p in t.paths],
             tables[0].start if tables else 0,
@@ -130,6 +166,6 @@ def _table(items: list[Item], result: Extracted, widths: dict[str, int], lookups
             read = notes_out
     return FeatureTable(
         np.array([start + i for i in good], dtype=np.int64), [items[i].key for i in good],
-        arrays["backbone"], arrays["detectors"], [(item.path, item.error) for item in items if item.error],
-        arrays["text"], read, [item.path for item in items], start,
+        Features(arrays["backbone"], arrays["detectors"], arrays["text"]),
+        [(item.path, item.error) for item in items if item.error], read, [item.path for item in items], start,
     )

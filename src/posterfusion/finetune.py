@@ -30,6 +30,7 @@ from .backbone import Backbone, create_backbone, split_at_last_block
 from .extract import PosterDataset, default_workers, iterate
 from .images import BadImage, decode_bytes, read_poster_bytes
 from .loop import FitResult, Schedule, fit, loss_function
+from .features import Features
 from .model import FusionHead
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -45,18 +46,20 @@ class Tuned:
     embeddings: np.ndarray | None = None
 
 
-def finetune(paths: list[str], det: np.ndarray | None, text: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray,
-             val_idx: np.ndarray, head: FusionHead, config: dict, device: torch.device, out_dir: Path,
+def finetune(paths: list[str], side: Features, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+             head: FusionHead, config: dict, device: torch.device, out_dir: Path,
              on_epoch: Callable[[int, float, float], None] | None = None) -> Tuned | None:
     """Fine-tune from a fitted head in the config's scope; the backbone file is written to ``out_dir``.
+    ``side``: the posters' cached detector and text features (the CNN's come from the backbone
+    being tuned).
 
     None on the ranks other than 0 of a torchrun launch: their part ends with the training.
     """
     backbone = create_backbone(config["backbone"], view=config["backbone_view"]).to(device)
     run = _tail if config["finetune"]["scope"] == "tail" else _end_to_end
     torch.manual_seed(config["seed"])
-    fit_result, embeddings = run(backbone, paths, det, text, y, train_idx, val_idx, head.to(device), config, device,
-                                 on_epoch)
+    fit_result, embeddings = run(backbone, paths, side.detectors, side.text, y, train_idx, val_idx, head.to(device),
+                                 config, device, on_epoch)
     if not distributed.is_main():
         return None
     from safetensors.torch import save_file

@@ -1,8 +1,8 @@
-"""The fusion head: an MLP over [CNN embedding, standardised detector features].
+"""The fusion head: an MLP over [CNN embedding, standardised detector features, text features].
 
-Each branch is projected on its own before the two meet, so the 1280-d embedding cannot drown the
-~300 detector columns; ``mode`` switches a branch off for the ablations (``cnn``, ``detectors``,
-``fusion``). Feature standardisation (log1p for counts, then z-scores fitted on the training split)
+Each branch is projected on its own before they meet, so the 1280-d embedding cannot drown the
+~300 detector columns; ``mode`` keeps one branch alone for the ablations (``cnn``, ``detectors``,
+``text``) or all of them (``fusion``). Feature standardisation (log1p for counts, then z-scores fitted on the training split)
 lives inside the module as buffers, so the saved weights are the whole model.
 """
 
@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from .features import Features
 
 MODES = ("cnn", "detectors", "fusion", "text")
 """Which branches a head uses: one alone (the ablations), or ``fusion``: every branch it has features for."""
@@ -61,7 +63,8 @@ class Standardizer(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """Two projected branches, concatenated, then a small MLP to one logit per genre."""
+    """A projected branch per feature group the mode uses (CNN, detectors, text), concatenated, then
+    a small MLP to one logit per genre."""
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
@@ -99,14 +102,14 @@ class FusionHead(nn.Module):
         """The columns of the embedding this head reads (a backbone ensemble's are side by side)."""
         return cnn[:, self.config.cnn_offset : self.config.cnn_offset + self.config.cnn_dim]
 
-    def fit_standardizers(self, cnn: np.ndarray | None, detectors: np.ndarray | None, log_mask: np.ndarray | None,
-                          text: np.ndarray | None = None, text_log_mask: np.ndarray | None = None) -> None:
+    def fit_standardizers(self, x: Features, log_mask: np.ndarray | None,
+                          text_log_mask: np.ndarray | None = None) -> None:
         if self.use_cnn:
-            self.cnn_norm.fit(self.own_part(cnn), np.zeros(self.config.cnn_dim, bool))
+            self.cnn_norm.fit(self.own_part(x.cnn), np.zeros(self.config.cnn_dim, bool))
         if self.use_detectors:
-            self.detector_norm.fit(detectors, log_mask)
+            self.detector_norm.fit(x.detectors, log_mask)
         if self.use_text:
-            self.text_norm.fit(text, text_log_mask)
+            self.text_norm.fit(x.text, text_log_mask)
 
     def forward(self, cnn: torch.Tensor | None, detectors: torch.Tensor | None,
                 text: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,14 +209,10 @@ def load_model(model_dir) -> tuple[FusionEnsemble, dict]:
 
 
 @torch.inference_mode()
-def predict_proba(model: FusionHead | FusionEnsemble, cnn: np.ndarray | None, det: np.ndarray | None,
-                  text: np.ndarray | None = None, batch: int = 4096) -> np.ndarray:
+def predict_proba(model: FusionHead | FusionEnsemble, x: Features, batch: int = 4096) -> np.ndarray:
     """Genre probabilities for feature rows, in batches (eval mode)."""
     model.eval()
-    n = len(next(x for x in (cnn, det, text) if x is not None))
     device = next(model.parameters()).device
-    out = []
-    for s in range(0, n, batch):
-        parts = [None if x is None else torch.as_tensor(x[s : s + batch], device=device) for x in (cnn, det, text)]
-        out.append(model.probabilities(*parts).float().cpu().numpy())
+    out = [model.probabilities(*x.rows(slice(s, s + batch)).tensors(device)).float().cpu().numpy()
+           for s in range(0, len(x), batch)]
     return np.concatenate(out) if out else np.zeros((0, model.config.n_genres), np.float32)

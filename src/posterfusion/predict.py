@@ -99,7 +99,7 @@ class Predictor:
         model's reading of their text where the model has one."""
         if not len(table.rows):
             return np.zeros((0, len(self.genres)), np.float32)
-        probs = predict_proba(self.head, table.cnn, table.detectors, table.text)
+        probs = predict_proba(self.head, table.features)
         return probs if self.words is None else self.words.mix(probs, table.text_read)
 
     def predictions(self, table: FeatureTable) -> list[Prediction]:
@@ -115,8 +115,8 @@ class Predictor:
             chosen = [g for g, p, t in zip(self.genres, probs[r], self.thresholds) if p >= t]
             # Every poster has some genre: if none clears its threshold, take the most probable.
             pred.genres = sorted(chosen, key=lambda g: -pred.probabilities[g]) or [self.genres[int(probs[r].argmax())]]
-            if table.detectors is not None:
-                pred.evidence = evidence_from_features(table.detectors[r])
+            if table.features.detectors is not None:
+                pred.evidence = evidence_from_features(table.features.detectors[r])
             if table.text_read is not None:
                 pred.evidence["read"] = table.text_read[r]
         return out

@@ -23,7 +23,7 @@ from .backbone import embedding_parts
 from .detectors import schema
 from .errors import DiskFull, PosterFusionError, is_disk_full
 from .extract import FrozenModels, Progress, resolve_device
-from .features import FeatureTable, gather
+from .features import Features, FeatureTable, gather
 from .files import atomic_folder
 from .manifest import Manifest, label_matrix, load_manifest
 from .loop import Schedule, fit, loss_function
@@ -64,39 +64,35 @@ def split_positions(manifest: Manifest, rows: np.ndarray, name: str) -> np.ndarr
     return np.flatnonzero(split == name)
 
 
-def new_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, config: dict,
-             text: np.ndarray | None = None, cnn_part: tuple[int, int] | None = None) -> FusionHead:
-    """A head for these feature sets, its standardisers and output biases fitted on the training rows;
-    ``cnn_part`` (offset, width) is the part of the embedding it reads (default: all of it)."""
-    offset, width = cnn_part or (0, cnn.shape[1] if cnn is not None else 0)
+def new_head(x: Features, y: np.ndarray, train: np.ndarray, config: dict,
+             cnn_part: tuple[int, int] | None = None) -> FusionHead:
+    """A head for these feature groups, its standardisers and output biases fitted on the training
+    rows; ``cnn_part`` (offset, width) is the part of the embedding it reads (default: all of it)."""
+    offset, width = cnn_part or (0, x.cnn.shape[1] if x.cnn is not None else 0)
     head = FusionHead(HeadConfig(
         mode=config["mode"],
         cnn_dim=width,
         cnn_offset=offset,
-        detector_dim=det.shape[1] if det is not None else 0,
-        text_dim=text.shape[1] if text is not None else 0,
+        detector_dim=x.detectors.shape[1] if x.detectors is not None else 0,
+        text_dim=x.text.shape[1] if x.text is not None else 0,
         n_genres=y.shape[1],
         **config["head"],
     ))
-    log_mask = np.isin(schema.COLUMNS, schema.COUNT_COLUMNS) if det is not None else None
-    text_log_mask = np.isin(schema.TEXT_COLUMNS, schema.TEXT_COUNT_COLUMNS) if text is not None else None
-    head.fit_standardizers(_rows(cnn, train), _rows(det, train), log_mask, _rows(text, train), text_log_mask)
+    log_mask = np.isin(schema.COLUMNS, schema.COUNT_COLUMNS) if x.detectors is not None else None
+    text_log_mask = np.isin(schema.TEXT_COLUMNS, schema.TEXT_COUNT_COLUMNS) if x.text is not None else None
+    head.fit_standardizers(x.rows(train), log_mask, text_log_mask)
     head.set_genre_prior(y[train].mean(0))
     return head
 
 
-def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train: np.ndarray, val: np.ndarray,
-             config: dict, device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None,
-             text: np.ndarray | None = None, cnn_part: tuple[int, int] | None = None) -> tuple[FusionHead, dict]:
+def fit_head(x: Features, y: np.ndarray, train: np.ndarray, val: np.ndarray, config: dict, device: torch.device,
+             on_epoch: Callable[[int, float, float], None] | None = None,
+             cnn_part: tuple[int, int] | None = None) -> tuple[FusionHead, dict]:
     """Train one head with early stopping on validation mAP; returns the best head and history."""
     torch.manual_seed(config["seed"])
     generator = torch.Generator().manual_seed(config["seed"])
-    head = new_head(cnn, det, y, train, config, text, cnn_part).to(device)
-
-    def tensor(a: np.ndarray | None, idx: np.ndarray) -> torch.Tensor | None:
-        return None if a is None else torch.as_tensor(a[idx], device=device)
-
-    x_train = (tensor(cnn, train), tensor(det, train), tensor(text, train))
+    head = new_head(x, y, train, config, cnn_part).to(device)
+    x_train = x.rows(train).tensors(device)
     y_train = torch.as_tensor(y[train], device=device)
     opt = config["optim"]
 
@@ -104,10 +100,10 @@ def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, trai
         order = torch.randperm(len(train), generator=generator).to(device)
         for start in range(0, len(train), opt["batch_size"]):
             idx = order[start : start + opt["batch_size"]]
-            yield tuple(None if x is None else x[idx] for x in x_train), y_train[idx]
+            yield tuple(None if g is None else g[idx] for g in x_train), y_train[idx]
 
     def validate() -> float:
-        return metrics.mean_average_precision(y[val], predict_proba(head, _rows(cnn, val), _rows(det, val), _rows(text, val)))
+        return metrics.mean_average_precision(y[val], predict_proba(head, x.rows(val)))
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"])
     result = fit(head, batches, validate, loss_function(y[train], config, device), optimizer,
@@ -116,10 +112,9 @@ def fit_head(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, trai
     return head, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history}
 
 
-def fit_and_validate(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarray, train_idx: np.ndarray,
-                     val_idx: np.ndarray, genres: list[str], config: dict, device: torch.device,
-                     on_epoch: Callable[[int, float, float], None] | None = None,
-                     text: np.ndarray | None = None) -> tuple[FusionEnsemble, dict, np.ndarray, dict]:
+def fit_and_validate(x: Features, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, genres: list[str],
+                     config: dict, device: torch.device, on_epoch: Callable[[int, float, float], None] | None = None
+                     ) -> tuple[FusionEnsemble, dict, np.ndarray, dict]:
     """Fit ``optim.ensemble`` heads (seeds seed, seed+1, ...) on each network's part of the
     embedding, tune per-genre thresholds on validation for their averaged probabilities, and score
     them there (what ablations compare).
@@ -127,14 +122,13 @@ def fit_and_validate(cnn: np.ndarray | None, det: np.ndarray | None, y: np.ndarr
     Under a backbone ensemble, heads on each network averaged late beat one head on the joined
     embedding (docs/results.md)."""
     heads, fits = [], []
-    for part in cnn_parts(cnn, config):
+    for part in cnn_parts(x.cnn, config):
         for k in range(config["optim"]["ensemble"]):
-            head, fit = fit_head(cnn, det, y, train_idx, val_idx, config | {"seed": config["seed"] + k}, device,
-                                 on_epoch, text, part)
+            head, fit = fit_head(x, y, train_idx, val_idx, config | {"seed": config["seed"] + k}, device, on_epoch, part)
             heads.append(head.cpu())
             fits.append(fit)
     model = FusionEnsemble(heads)
-    val_prob = predict_proba(model, _rows(cnn, val_idx), _rows(det, val_idx), _rows(text, val_idx))
+    val_prob = predict_proba(model, x.rows(val_idx))
     thresholds = metrics.tune_thresholds(y[val_idx], val_prob)
     fit = {"best_epoch": [f["best_epoch"] for f in fits], "epochs_run": [f["epochs_run"] for f in fits]}
     return model, fit, thresholds, metrics.evaluate(y[val_idx], val_prob, thresholds, genres)
@@ -221,23 +215,23 @@ def _train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_d
     )
 
     torch_device = resolve_device(device)
-    cnn, backbone_identity, finetuned = table.cnn, models.backbone.identity if models.backbone else None, None
+    features, backbone_identity, finetuned = table.features, models.backbone.identity if models.backbone else None, None
     if config["finetune"]["enabled"]:
         tuned = finetuned_embeddings(data, config, cache_dir, Path(out_dir), torch_device, on_epoch)
         if tuned is None:  # a torchrun rank other than 0: its part is done
             return None
         cnn, backbone_identity, finetuned = tuned
+        features = Features(cnn, features.detectors, features.text)
         keep = ~np.isnan(cnn).any(1)  # posters unreadable since they were cached
         train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
-    head, fit, thresholds, validation = fit_and_validate(
-        cnn, table.detectors, y, train_idx, val_idx, genres, config, torch_device, on_epoch, table.text
-    )
+    head, fit, thresholds, validation = fit_and_validate(features, y, train_idx, val_idx, genres, config,
+                                                         torch_device, on_epoch)
     prior = metrics.mean_average_precision(y[val_idx], metrics.prior_scores(y[train_idx], len(val_idx)))
     word_model, words_card, reader = None, None, None
     if config["words"]["enabled"]:
         word_model, words_card, reader, docs_val = fit_words(data, train_idx, val_idx, config, cache_dir, device, progress)
         if word_model is not None:  # the thresholds are the mixed model's; the head's kept for predict --no-words
-            head_val = predict_proba(head, _rows(cnn, val_idx), _rows(table.detectors, val_idx), _rows(table.text, val_idx))
+            head_val = predict_proba(head, features.rows(val_idx))
             mixed_val = weigh_words(word_model, words_card, y[val_idx], head_val, docs_val)
             words_card["head_thresholds"] = [round(float(t), 4) for t in thresholds]
             thresholds = metrics.tune_thresholds(y[val_idx], mixed_val)
@@ -249,7 +243,7 @@ def _train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_d
         "thresholds": [round(float(t), 4) for t in thresholds],
         "train_genre_frequency": [round(float(f), 5) for f in y[train_idx].mean(0)],
         "config": config,
-        "feature_schema": {"version": schema.SCHEMA_VERSION, "columns": schema.COLUMNS} if table.detectors is not None else None,
+        "feature_schema": {"version": schema.SCHEMA_VERSION, "columns": schema.COLUMNS} if features.detectors is not None else None,
         "detectors": models.detectors.identity if models.detectors else None,
         "backbone": backbone_identity,
         "text": models.text.identity if models.text else reader,
@@ -347,10 +341,9 @@ def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path
     if data.models.backbone is None:
         raise PosterFusionError("config: finetune needs a CNN branch (mode fusion or cnn)")
     table = data.table
-    start, _ = fit_head(table.cnn, table.detectors, data.y, data.train_idx, data.val_idx, config, device, text=table.text)
+    start, _ = fit_head(table.features, data.y, data.train_idx, data.val_idx, config, device)
     paths = [data.manifest.paths[i] for i in table.rows]
-    tuned = finetune(paths, table.detectors, table.text, data.y, data.train_idx, data.val_idx, start, config, device,
-                     out_dir, on_epoch)
+    tuned = finetune(paths, table.features, data.y, data.train_idx, data.val_idx, start, config, device, out_dir, on_epoch)
     if tuned is None:
         return None
     models = extract.create_frozen_models(objects=None, backbone=config["backbone"], device=str(device),
@@ -359,7 +352,7 @@ def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path
     if tuned.embeddings is None:  # end to end: embed every poster with the tuned backbone
         cnn = np.full((len(paths), models.backbone.dim), np.nan, np.float32)
         tuned_table = gather(paths, models, cache_dir)
-        cnn[tuned_table.rows] = tuned_table.cnn
+        cnn[tuned_table.rows] = tuned_table.features.cnn
     else:  # tail: already computed from the cached maps; kept for evaluate and predict --cache
         cnn = tuned.embeddings
         if cache_dir is not None:
@@ -371,6 +364,3 @@ def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path
                                 "fine_tuned_from": data.models.backbone.identity["weights_sha256"]}
     return cnn, card_identity, tuned.fit | {"scope": config["finetune"]["scope"]}
 
-
-def _rows(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
-    return None if a is None else a[idx]

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import PosterFusionError
 from ..images import letterbox
 from .base import Detections
 from .schema import FACE_THRESHOLD
