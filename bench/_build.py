@@ -39,7 +39,8 @@ def main() -> None:
 
     start = time.perf_counter()
     from posterfusion.defaults import DEFAULT_BACKBONE
-    from posterfusion.extract import FrozenModels, build_cache, open_stores
+    from posterfusion.extract import build_cache, open_stores
+    from posterfusion.frozen import FrozenModels
 
     paths = [line for line in open(args.paths).read().splitlines() if line]
     models = FrozenModels("nanodet", DEFAULT_BACKBONE, args.device)
@@ -49,7 +50,7 @@ def main() -> None:
         import torch
 
         torch.cuda.synchronize()
-    from posterfusion.extract import default_workers
+    from posterfusion.dataset import default_workers
 
     gpu = {}
     if models.device.type == "cuda":

@@ -21,7 +21,8 @@ import torch
 
 
 def features(paths: list[str], ieee: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
-    from posterfusion.extract import FrozenModels, build_cache, open_stores
+    from posterfusion.extract import build_cache, open_stores
+    from posterfusion.frozen import FrozenModels
 
     models = FrozenModels("nanodet", "efficientnet_lite0", "cuda")
     if ieee:  # after FrozenModels: its legacy allow_tf32 flags reset these (seen as 'none')

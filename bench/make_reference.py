@@ -30,7 +30,8 @@ def main() -> None:
 
     os.environ["POSTERFUSION_RUNTIME"] = "torch"  # ignored by code that predates the option
     torch.set_num_threads(2)
-    from posterfusion.extract import FrozenModels, build_cache, open_stores
+    from posterfusion.extract import build_cache, open_stores
+    from posterfusion.frozen import FrozenModels
     from posterfusion.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)

@@ -123,7 +123,7 @@ def pick_posters(manifest: Path, n: int) -> list[str]:
 
 def prepare_items(models, paths: list[str]) -> tuple[list, list[float]]:
     """Worker-side work (read, hash, decode, every model's resize) per poster, timed."""
-    from posterfusion.extract import PosterDataset
+    from posterfusion.dataset import PosterDataset
 
     dataset = PosterDataset(paths, models.detectors.preparer, models.backbone)
     items, ms = [], []
@@ -316,7 +316,7 @@ def bench_train(manifest: Path, cache: Path, device: str, out: Path) -> dict:
 def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int = 12, cold_repeats: int = 3) -> dict:
     import torch
 
-    from posterfusion.extract import FrozenModels
+    from posterfusion.frozen import FrozenModels
     from posterfusion.predict import Predictor
 
     result: dict = {}
@@ -333,7 +333,7 @@ def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int =
     for p in paths[:2]:
         predictor.predict([p])  # warm-up
     warm, bare = [], []
-    from posterfusion.extract import PosterDataset
+    from posterfusion.dataset import PosterDataset
 
     detectors = predictor.models.detectors
     dataset = PosterDataset(paths, detectors.preparer if detectors else None, predictor.models.backbone)
@@ -449,7 +449,7 @@ def main() -> None:
     import torch
 
     from posterfusion.defaults import DEFAULT_BACKBONE
-    from posterfusion.extract import FrozenModels, resolve_device
+    from posterfusion.frozen import FrozenModels, resolve_device
 
     skip = {s for s in args.skip.split(",") if s}
     device = resolve_device(args.device)

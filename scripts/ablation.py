@@ -30,7 +30,7 @@ import torch
 from posterfusion import metrics
 from posterfusion.config import default_config, load_config, merge
 from posterfusion.detectors import schema
-from posterfusion.extract import resolve_device
+from posterfusion.frozen import resolve_device
 from posterfusion.model import predict_proba
 from posterfusion.train import (TrainingData, finetuned_embeddings, fit_and_validate, fit_words,
                                 prepare_data, read_text, split_positions, weigh_words)

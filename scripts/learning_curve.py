@@ -31,7 +31,7 @@ import numpy as np
 
 from posterfusion import metrics
 from posterfusion.config import load_config
-from posterfusion.extract import resolve_device
+from posterfusion.frozen import resolve_device
 from posterfusion.model import predict_proba
 from posterfusion.train import fit_and_validate, prepare_data, split_positions
 

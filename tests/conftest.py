@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import write_poster
 
-from posterfusion.extract import FrozenModels as _REAL_FROZEN_MODELS
+from posterfusion.frozen import FrozenModels as _REAL_FROZEN_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 POSTERS = REPO.parent / "shared" / "data" / "movieposters"
@@ -54,13 +54,13 @@ def _shared_frozen_models(*args, **kwargs):
     """Stand-in for FrozenModels(...) that loads each combination of models once per session."""
     import inspect
 
-    from posterfusion import extract
+    from posterfusion import frozen
 
     bound = inspect.signature(_REAL_FROZEN_MODELS).bind(*args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     if "device" in arguments:
-        arguments["device"] = extract.resolve_device(arguments["device"])  # 'auto' and 'cpu' are one
+        arguments["device"] = frozen.resolve_device(arguments["device"])  # 'auto' and 'cpu' are one
     key = repr(sorted((name, str(value)) for name, value in arguments.items()))
     if key not in _MODELS:
         _MODELS[key] = _REAL_FROZEN_MODELS(*args, **kwargs)
@@ -77,9 +77,9 @@ def frozen_models():
 
 def share_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the CLI and library reuse loaded models: the one factory, create_frozen_models, is memoised."""
-    import posterfusion.extract
+    import posterfusion.frozen
 
-    monkeypatch.setattr(posterfusion.extract, "create_frozen_models", _shared_frozen_models)
+    monkeypatch.setattr(posterfusion.frozen, "create_frozen_models", _shared_frozen_models)
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import torch
 torch.set_num_threads(1)
 from posterfusion import cache
 cache.COMPACT_AFTER = 2  # compaction at the end of every build, while the others write
-from posterfusion.extract import FrozenModels, build_cache, open_stores
+from posterfusion.extract import build_cache, open_stores
+from posterfusion.frozen import FrozenModels
 
 root, chunk, paths = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 models = FrozenModels("nanodet", "efficientnet_lite0", "cpu")

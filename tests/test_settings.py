@@ -10,7 +10,7 @@ from posterfusion import settings
 
 
 def test_variables_are_read_when_asked_for(monkeypatch, tmp_path: Path) -> None:
-    from posterfusion.extract import model_batch_size
+    from posterfusion.frozen import model_batch_size
     from posterfusion.weights import weights_dir
 
     monkeypatch.delenv("POSTERFUSION_MODEL_BATCH", raising=False)

@@ -25,7 +25,9 @@ import pytest
 import torch
 
 from posterfusion.detectors import Preparer, nanodet, schema
-from posterfusion.extract import FrozenModels, PosterDataset, build_cache, open_stores
+from posterfusion.dataset import PosterDataset
+from posterfusion.extract import build_cache, open_stores
+from posterfusion.frozen import FrozenModels
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "speedups_reference.npz"
 SQUARE = "224x224"  # the reference's backbone view (schema v1, before poster-shaped views)

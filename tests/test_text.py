@@ -82,7 +82,8 @@ def test_prepare_shrinks_large_posters_to_bgr() -> None:
 
 @pytest.mark.slow
 def test_text_store_through_the_build(tmp_path: Path, real_manifest: Path) -> None:
-    from posterfusion.extract import FrozenModels, build_cache, open_stores
+    from posterfusion.extract import build_cache, open_stores
+    from posterfusion.frozen import FrozenModels
 
     posters = real_manifest.parent / "posters"
     blank = tmp_path / "blank.png"

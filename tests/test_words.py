@@ -134,7 +134,8 @@ def test_train_fits_the_word_model_and_predict_applies_it(real_cache, shared_mod
 
     from posterfusion.cli import fusion_app
     from posterfusion.defaults import DEFAULT_BACKBONE
-    from posterfusion.extract import FrozenModels, open_stores
+    from posterfusion.extract import open_stores
+    from posterfusion.frozen import FrozenModels
     from posterfusion.features import gather
     from posterfusion.model import load_model
     from posterfusion.predict import Predictor

@@ -127,7 +127,7 @@ class Backbone:
         """Run the frozen network through onnxruntime (CPU inference only; see onnx_runtime) on
         ``threads`` threads (default: PyTorch's).
 
-        Only :class:`~posterfusion.extract.FrozenModels` does this: fine-tuning needs PyTorch.
+        Only :class:`~posterfusion.frozen.FrozenModels` does this: fine-tuning needs PyTorch.
         """
         from . import onnx_runtime
 

@@ -25,9 +25,9 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -501,3 +501,48 @@ def _summary(store: FeatureStore) -> str:
         return f"{store.identity.get('name')} text, {len(store.columns)} columns"
     objects = store.identity.get("objects", {}).get("name", "?")
     return f"{objects} + mtcnn + expressions, {len(store.columns)} columns"
+
+
+class Store(Protocol):
+    """What the build writes to and lookups read from: a :class:`FeatureStore` in a cache folder, or
+    a :class:`MemoryStore` for one command."""
+
+    kind: str
+    identity: dict
+    columns: list[str]
+
+    def keys(self) -> set[str]: ...
+    def append(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None) -> None: ...
+    def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]: ...
+    def notes(self, keys: list[str]) -> dict[str, str]: ...
+    def compact(self) -> None: ...
+
+
+@dataclass
+class MemoryStore:
+    """A store that lives only for one command (``fusion predict`` without a cache)."""
+
+    kind: str
+    identity: dict
+    columns: list[str]
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    notes_by_key: dict[str, str] = field(default_factory=dict)
+
+    def keys(self) -> set[str]:
+        return set(self.rows)
+
+    def append(self, keys: list[str], paths: list[str], values: np.ndarray, notes: list[str] | None = None) -> None:
+        self.rows.update(zip(keys, np.asarray(values, np.float32)))
+        if notes is not None:
+            self.notes_by_key.update(zip(keys, notes))
+
+    def notes(self, keys: list[str]) -> dict[str, str]:
+        return {k: self.notes_by_key[k] for k in keys if k in self.notes_by_key}
+
+    def read(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+        wanted = list(self.rows) if keys is None else [k for k in keys if k in self.rows]
+        matrix = np.stack([self.rows[k] for k in wanted]) if wanted else np.zeros((0, len(self.columns)), np.float32)
+        return wanted, matrix
+
+    def compact(self) -> None:
+        pass

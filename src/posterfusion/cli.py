@@ -108,9 +108,9 @@ def build(
                 summary = on_ray.run(manifest.paths, batch_size, progress)
         where = str(on_ray)
     else:
-        from . import extract
+        from . import extract, frozen
 
-        models = extract.create_frozen_models(objects=objects, backbone=backbone_name, device=device,
+        models = frozen.create_frozen_models(objects=objects, backbone=backbone_name, device=device,
                                               backbone_view=view, text=text)
         with _RichProgress(len(manifest), "detect-cache") as progress:
             summary = extract.build_cache(manifest.paths, extract.open_stores(models, cache), models, batch_size,

@@ -68,7 +68,7 @@ def session(device: str) -> Iterator[str]:
     if not _launched():
         yield device
         return
-    from .extract import resolve_device
+    from .frozen import resolve_device
 
     local = int(os.environ["LOCAL_RANK"])
     if resolve_device(device).type == "cuda":

@@ -18,7 +18,9 @@ import torch
 
 from .cache import StoreLookup
 from .detectors import schema
-from .extract import BuildSummary, Extracted, FrozenModels, Item, Progress, extract_batches, open_stores
+from .dataset import Item
+from .extract import BuildSummary, Progress, extract_batches, open_stores
+from .frozen import Extracted, FrozenModels
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 
 from . import distributed, metrics
 from .backbone import Backbone, create_backbone, split_at_last_block
-from .extract import PosterDataset, default_workers, iterate
+from .dataset import PosterDataset, default_workers, iterate
 from .images import BadImage, decode_bytes, read_poster_bytes
 from .loop import FitResult, Schedule, fit, loss_function
 from .features import Features

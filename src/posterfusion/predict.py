@@ -15,7 +15,7 @@ import numpy as np
 from .detectors import schema
 from .detectors.base import COCO_CLASSES, EXPRESSIONS
 from .errors import PosterFusionError
-from . import extract
+from . import frozen
 from .extract import Progress
 from .features import FeatureTable, stream_features
 from .model import CARD_FILE, load_model, predict_proba
@@ -64,7 +64,7 @@ class Predictor:
         has_words = bool((self.card.get("words") or {}).get("fitted"))
         use_words = has_words and words
         weights_file = (self.card.get("backbone") or {}).get("weights_file")  # a fine-tuned backbone
-        self.models = extract.create_frozen_models(
+        self.models = frozen.create_frozen_models(
             objects=objects_from_card(config["objects"], objects, self.model_dir / CARD_FILE) if self.card.get("detectors") else None,
             backbone=config["backbone"] if self.card.get("backbone") else None,
             device=device,
@@ -122,7 +122,7 @@ class Predictor:
         return out
 
 
-def check_compatible(card: dict, models: extract.FrozenModels, where: Path) -> None:
+def check_compatible(card: dict, models: frozen.FrozenModels, where: Path) -> None:
     """Refuse a model whose features would come from other detectors, backbone or schema."""
     if card.get("detectors") and card["detectors"] != models.detectors.identity:
         raise PosterFusionError(

@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import extract
+from . import dataset, extract, frozen
 from .defaults import DEFAULT_BACKBONE, DEFAULT_VIEW
 from .errors import PosterFusionError
-from .extract import BuildSummary, Extracted, Item, Progress, commit_batches, take_todo
+from .dataset import Item
+from .extract import BuildSummary, Progress, commit_batches, take_todo
+from .frozen import Extracted
 
 LOCAL = "local"
 """``--ray local``: a Ray started on this machine for the run (or the one this process is already in)."""
@@ -44,7 +46,7 @@ class RayBuild:
         from .detectors import Preparer
 
         # The stores' identities, and the one-line errors for unknown models, before Ray starts.
-        models = extract.create_frozen_models(objects=objects, backbone=backbone, device="cpu", backbone_view=view,
+        models = frozen.create_frozen_models(objects=objects, backbone=backbone, device="cpu", backbone_view=view,
                                               text=text)
         self.stores = extract.open_stores(models, cache)
         del models  # the actors load their own
@@ -95,7 +97,7 @@ class RayBuild:
         data = self.ray.data.from_items(rows, override_num_blocks=len(rows))  # a batch a block: a task each
         # Preparing is a tenth of the models' cost, and holds no CPU of Ray's: a pool that takes
         # every CPU must not starve it. Its tasks in flight are bounded instead.
-        data = data.map(_prepare, fn_kwargs={"dataset": self.dataset}, num_cpus=0,
+        data = data.map(_prepare, fn_kwargs={"poster_set": self.dataset}, num_cpus=0,
                         compute=self.ray.data.TaskPoolStrategy(size=self.decoders))
         data = data.map(_ModelWorker, fn_constructor_kwargs={"spec": self.spec},
                         compute=self.ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
@@ -135,12 +137,12 @@ def _actor_device(device: str, gpus: int) -> str:
         if not gpus:
             raise PosterFusionError(f"--device {device}: the Ray cluster has no GPU; use --device cpu")
         return "cuda"  # Ray gives each actor its own GPU as cuda:0
-    return str(extract.resolve_device(device))  # cpu, or the one-line error for a bad name
+    return str(frozen.resolve_device(device))  # cpu, or the one-line error for a bad name
 
 
-def _prepare(row: dict[str, Any], dataset: extract.PosterDataset) -> dict[str, Any]:
+def _prepare(row: dict[str, Any], poster_set: dataset.PosterDataset) -> dict[str, Any]:
     """A Ray task: one batch's posters read, hashed, decoded and prepared (paths as given kept)."""
-    items = [dataset[str(path)] for path in row["paths"]]
+    items = [poster_set[str(path)] for path in row["paths"]]
     for item, given in zip(items, row["given"]):
         item.path = str(given)
     return {"items": pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)}
@@ -150,7 +152,7 @@ class _ModelWorker:
     """A Ray actor: the frozen models, loaded once, run on prepared batches."""
 
     def __init__(self, spec: dict) -> None:
-        self.models = extract.create_frozen_models(**spec)
+        self.models = frozen.create_frozen_models(**spec)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         items: list[Item] = pickle.loads(row["items"])

@@ -41,7 +41,7 @@ def model_batch_override() -> int | None:
 
 def apply(device: torch.device) -> None:
     """What the frozen models need of the process, applied before they run (by
-    :class:`~posterfusion.extract.FrozenModels`, so the CLI and Python callers alike):
+    :class:`~posterfusion.frozen.FrozenModels`, so the CLI and Python callers alike):
 
     * oneDNN caches a compiled kernel per convolution shape, 1,024 by default. MTCNN's R-Net and
       O-Net and the expression model see a new batch size (their number of candidate faces) in

@@ -18,11 +18,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, extract, metrics
+from . import distributed, frozen, metrics
 from .backbone import embedding_parts
 from .detectors import schema
 from .errors import DiskFull, PosterFusionError, is_disk_full
-from .extract import FrozenModels, Progress, resolve_device
+from .extract import Progress
+from .frozen import FrozenModels, resolve_device
 from .features import Features, FeatureTable, gather
 from .files import atomic_folder
 from .manifest import Manifest, label_matrix, load_manifest
@@ -33,7 +34,7 @@ from .words import WORDS_FILE, WordModel
 def models_for(config: dict, device: str = "auto") -> FrozenModels:
     """The frozen models a config's mode needs (detectors, backbone or both)."""
     mode = config["mode"]
-    return extract.create_frozen_models(
+    return frozen.create_frozen_models(
         objects=config["objects"] if mode in ("detectors", "fusion") else None,
         backbone=config["backbone"] if mode in ("cnn", "fusion") else None,
         device=device,
@@ -320,7 +321,7 @@ def read_text(paths: list[str], cache_dir: str | Path | None, device: str = "aut
               progress: Progress | None = None) -> tuple[dict, list[str]]:
     """What OCR reads on each poster (" / "-joined lines; "" where unreadable), through the cache's
     text store, and the reader's identity."""
-    ocr = extract.create_frozen_models(objects=None, backbone=None, device=device, text=True)
+    ocr = frozen.create_frozen_models(objects=None, backbone=None, device=device, text=True)
     table = gather(paths, ocr, cache_dir, progress=progress)
     docs = [""] * len(paths)
     for position, doc in zip(table.rows, table.text_read):
@@ -346,7 +347,7 @@ def finetuned_embeddings(data: TrainingData, config: dict, cache_dir: str | Path
     tuned = finetune(paths, table.features, data.y, data.train_idx, data.val_idx, start, config, device, out_dir, on_epoch)
     if tuned is None:
         return None
-    models = extract.create_frozen_models(objects=None, backbone=config["backbone"], device=str(device),
+    models = frozen.create_frozen_models(objects=None, backbone=config["backbone"], device=str(device),
                                           backbone_weights=tuned.backbone_file, backbone_view=config["backbone_view"])
     identity = models.backbone.identity
     if tuned.embeddings is None:  # end to end: embed every poster with the tuned backbone
