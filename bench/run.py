@@ -309,8 +309,8 @@ def bench_train(manifest: Path, cache: Path, device: str, out: Path) -> dict:
         poll_memory=True,
     )
     card = json.loads((out / "card.json").read_text())
-    return {"seconds": seconds, "card_seconds": card["training"]["seconds"], "posters": card["training"]["posters_used"],
-            "epochs": card["training"]["epochs_run"], "val_map": card["validation"]["map"], "peak_pss_mb": peak}
+    return {"seconds": seconds, "card_seconds": card.training["seconds"], "posters": card.training["posters_used"],
+            "epochs": card.training["epochs_run"], "val_map": card.validation["map"], "peak_pss_mb": peak}
 
 
 def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int = 12, cold_repeats: int = 3) -> dict:
@@ -329,7 +329,7 @@ def bench_predict(model_dir: Path, paths: list[str], device: str, repeats: int =
     m = predictor.models
     fw = Forwards(FrozenModels(m.detectors.objects_name if m.detectors else None,
                                m.backbone.name if m.backbone else None, device, concurrent=False,
-                               backbone_view=predictor.card["config"].get("backbone_view")), predictor.head)
+                               backbone_view=predictor.card.config.get("backbone_view")), predictor.head)
     for p in paths[:2]:
         predictor.predict([p])  # warm-up
     warm, bare = [], []

@@ -117,7 +117,7 @@ def main() -> None:
     start = time.perf_counter()
     predictor = Predictor(args.model, words=not args.no_words)
     auditor = Auditor(predictor)
-    frequency = np.asarray(predictor.card["train_genre_frequency"], np.float64)
+    frequency = np.asarray(predictor.card.train_genre_frequency, np.float64)
     manifest = load_manifest(args.manifest)
     split = manifest.table["split"].fillna("").str.strip().str.lower()
     print(f"| split | finding | ordering | {' | '.join(f'P@{k}' for k in KS)} | pairs ranked |")

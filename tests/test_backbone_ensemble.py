@@ -13,7 +13,7 @@ from posterfusion.backbone import create_backbone, embedding_parts
 from posterfusion.config import load_config
 from posterfusion.errors import PosterFusionError
 from posterfusion.metrics import average_precision_per_genre
-from posterfusion.model import CARD_FILE, load_model, save_model
+from posterfusion.model import CARD_FILE, ModelCard, load_model, save_model
 from posterfusion.features import Features
 from posterfusion.model import predict_proba
 from posterfusion.train import cnn_parts, fit_and_validate, train
@@ -74,9 +74,9 @@ def test_heads_read_their_own_network_and_the_card_keeps_the_parts(tmp_path: Pat
     assert first[0] > second[0] + 0.2 and second[1] > first[1] + 0.2
     assert model.cnn_dim == 2 * half and np.allclose(model.cnn_training_mean(), cnn[train_idx].mean(0), atol=1e-4)
 
-    save_model(tmp_path / "m", model, {"genres": ["A", "B"]})
+    save_model(tmp_path / "m", model, ModelCard(genres=["A", "B"], thresholds=[0.5, 0.5]))
     loaded, card = load_model(tmp_path / "m")
-    assert card["cnn_parts"] == [[0, half], [0, half], [half, half], [half, half]]
+    assert card.cnn_parts == [[0, half], [0, half], [half, half], [half, half]]
     assert np.array_equal(predict_proba(loaded, Features(cnn)), predict_proba(model, Features(cnn)))
     with pytest.raises(ValueError, match="read 2560-wide embeddings, not 1280"):  # one network's features
         predict_proba(loaded, Features(cnn[:, :half]))
@@ -87,7 +87,7 @@ def test_a_card_from_before_ensembles_still_loads(tmp_path: Path) -> None:
     cnn, y = rng.normal(size=(60, 1280)).astype(np.float32), (rng.random((60, 2)) < 0.5).astype(np.float32)
     config = load_config(None, {"mode": "cnn", "optim": {"epochs": 2, "ensemble": 2}})
     model, *_ = fit_and_validate(Features(cnn), y, np.arange(40), np.arange(40, 60), ["A", "B"], config, torch.device("cpu"))
-    save_model(tmp_path / "m", model, {"genres": ["A", "B"]})
+    save_model(tmp_path / "m", model, ModelCard(genres=["A", "B"], thresholds=[0.5, 0.5]))
     card = json.loads((tmp_path / "m" / CARD_FILE).read_text())
     del card["cnn_parts"], card["head"]["cnn_offset"]
     (tmp_path / "m" / CARD_FILE).write_text(json.dumps(card))

@@ -83,14 +83,14 @@ def test_finetune_on_cpu_skips_a_poster_broken_since_it_was_cached(tiny_real: Pa
 
     card = train(manifest, cache, config, tmp_path / "model", device="cpu")
     assert (tmp_path / "model" / "backbone.safetensors").is_file()
-    assert card["backbone"]["weights_file"] == "backbone.safetensors"
-    assert card["backbone"]["weights_sha256"] != card["backbone"]["fine_tuned_from"]
-    assert card["training"]["finetune"]["scope"] == scope
-    assert card["training"]["train_posters"] + card["training"]["val_posters"] == 29  # the broken one left out
-    assert json.loads((tmp_path / "model" / "card.json").read_text())["backbone"] == card["backbone"]
+    assert card.backbone["weights_file"] == "backbone.safetensors"
+    assert card.backbone["weights_sha256"] != card.backbone["fine_tuned_from"]
+    assert card.training["finetune"]["scope"] == scope
+    assert card.training["train_posters"] + card.training["val_posters"] == 29  # the broken one left out
+    assert json.loads((tmp_path / "model" / "card.json").read_text())["backbone"] == card.backbone
 
     predictor = Predictor(tmp_path / "model", "cpu")
-    assert predictor.models.backbone.weights_sha256 == card["backbone"]["weights_sha256"]
+    assert predictor.models.backbone.weights_sha256 == card.backbone["weights_sha256"]
     readable = [str(p) for p in sorted((root / "posters").iterdir()) if p != broken][:2]
     for a, b in zip(predictor.predict(readable), predictor.predict(readable, cache)):  # the cached tuned embeddings are the ones the tuned backbone computes
         assert not a.error and max(abs(a.probabilities[g] - b.probabilities[g]) for g in a.probabilities) < 1e-3

@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from helpers import assert_figure_has_content, assert_one_line_error
 from posterfusion.cli import fusion_app
 from posterfusion.features import gather
-from posterfusion.model import FusionEnsemble, load_model, save_model
-from posterfusion.predict import Predictor
+from posterfusion.model import FusionEnsemble, ModelCard, load_model, save_model
+from posterfusion.predict import Predictor, default_model_dir
 from posterfusion.config import load_config
 from posterfusion.manifest import label_matrix
 from posterfusion.model import predict_proba
@@ -90,7 +90,7 @@ class Trained:
     cache: Path
     stdout: str
     stderr: str
-    card: dict
+    card: ModelCard
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def trained(real_cache, frozen_models, tmp_path_factory: pytest.TempPathFactory)
         result = invoke("train", "--manifest", real_cache.train_manifest, "--cache", real_cache.cache,
                         "--out", model, "--seed", 0, "--config", config)
     assert result.exit_code == 0, result.output
-    card = json.loads((model / "card.json").read_text())
+    card = ModelCard.from_json(json.loads((model / "card.json").read_text()))
     return Trained(model, real_cache.cache, result.stdout, result.stderr, card)
 
 
@@ -115,19 +115,19 @@ def test_train_cli_writes_a_model_and_its_card(trained: Trained, real_cache) -> 
     assert (trained.model / "model.safetensors").is_file()
     card = trained.card
     n_train = len(pd.read_csv(real_cache.train_manifest))
-    assert card["training"]["posters_used"] == n_train and card["training"]["unreadable_posters"] == 0
-    assert card["training"]["train_posters"] + card["training"]["val_posters"] == n_train
-    assert len(card["genres"]) == len(card["thresholds"]) == len(card["train_genre_frequency"]) >= 5
-    assert card["detectors"]["objects"]["name"] == "nanodet" and card["backbone"] is not None
+    assert card.training["posters_used"] == n_train and card.training["unreadable_posters"] == 0
+    assert card.training["train_posters"] + card.training["val_posters"] == n_train
+    assert len(card.genres) == len(card.thresholds) == len(card.train_genre_frequency) >= 5
+    assert card.detectors["objects"]["name"] == "nanodet" and card.backbone is not None
     assert "epoch   1" in trained.stderr  # one line per epoch
-    assert trained.stdout.startswith(f"trained fusion on {card['training']['train_posters']} posters")
+    assert trained.stdout.startswith(f"trained fusion on {card.training['train_posters']} posters")
     assert str(trained.model) in trained.stdout
 
 
 @pytest.mark.slow
 def test_training_learns_far_above_the_genre_prior(trained: Trained, real_cache, shared_models,
                                                    tmp_path: Path) -> None:
-    validation = trained.card["validation"]
+    validation = trained.card.validation
     print(f"\nvalidation mAP {validation['map']:.3f} vs genre prior {validation['prior_map']:.3f} "
           f"on {validation['n_posters']} posters")
     assert validation["map"] >= validation["prior_map"] + 0.1
@@ -157,9 +157,9 @@ def test_save_and_load_give_identical_predictions(real_cache, frozen_models, tmp
     model = FusionEnsemble(heads)
     before = predict_proba(model, table.features)
 
-    save_model(tmp_path / "m", model, {"genres": genres})
+    save_model(tmp_path / "m", model, ModelCard(genres=genres, thresholds=[0.5] * len(genres)))
     loaded, card = load_model(tmp_path / "m")
-    assert card["genres"] == genres and card["head"] == heads[0].config.to_dict()
+    assert card.genres == genres and card.head == heads[0].config.to_dict()
     after = predict_proba(loaded, table.features)
     assert np.array_equal(before, after)
     # The standardisers travel with the weights: not the identity transform after loading.
@@ -175,10 +175,10 @@ def test_predictor_matches_the_trained_head(trained: Trained, real_cache, shared
     direct = predict_proba(head, table.features)
 
     resaved = tmp_path / "resaved"
-    save_model(resaved, head, {k: v for k, v in trained.card.items() if k != "head"})
+    save_model(resaved, head, ModelCard.from_json(trained.card.to_json()))
     for model in (trained.model, resaved):
         predictions = Predictor(model, "cpu").predict(paths, real_cache.cache)
-        probs = np.array([[p.probabilities[g] for g in trained.card["genres"]] for p in predictions])
+        probs = np.array([[p.probabilities[g] for g in trained.card.genres] for p in predictions])
         assert np.array_equal(probs, direct.astype(np.float64))
 
 
@@ -193,7 +193,7 @@ def _assert_threshold_rule(predictions, genres: list[str], thresholds: list[floa
 @pytest.mark.slow
 def test_thresholds_decide_the_genres(trained: Trained, real_cache, shared_models, tmp_path: Path) -> None:
     paths = pd.read_csv(real_cache.eval_manifest)["poster"].tolist()
-    genres, thresholds = trained.card["genres"], trained.card["thresholds"]
+    genres, thresholds = trained.card.genres, trained.card.thresholds
     predictions = Predictor(trained.model, "cpu").predict(paths, real_cache.cache)
     _assert_threshold_rule(predictions, genres, thresholds)
     assert len({tuple(p.genres) for p in predictions}) > 1
@@ -235,7 +235,7 @@ def test_predict_text_and_top_k(trained: Trained, poster_folder: Path, shared_mo
     assert [h.split(": ")[0] for h in heads] == [str(p) for p in posters]
     for h in heads:
         genres, top = h.split(": ", 1)[1].split("   [")
-        assert all(g in trained.card["genres"] for g in genres.split(" | "))
+        assert all(g in trained.card.genres for g in genres.split(" | "))
         assert len(top.rstrip("]").split(", ")) == 2
     assert sum(line.startswith("    saw: ") for line in lines) == 2
     assert "2 posters predicted, 0 skipped" in result.stderr
@@ -277,7 +277,7 @@ def test_predict_json_lines(trained: Trained, poster_folder: Path, real_cache, s
     assert broken["error"] and not broken["genres"] and not broken["probabilities"]
     for r in good:
         assert r["error"] is None and r["genres"] and set(r["genres"]) <= set(r["probabilities"])
-        assert set(r["probabilities"]) == set(trained.card["genres"])
+        assert set(r["probabilities"]) == set(trained.card.genres)
         assert len(r["top"]) == 4 and r["top"][0][1] == max(r["probabilities"].values())
         assert set(r["evidence"]) >= {"objects", "faces"}
 
@@ -287,7 +287,7 @@ def test_predict_csv(trained: Trained, poster_folder: Path, real_cache, shared_m
     result = invoke("predict", poster_folder, "--model", trained.model, "--cache", real_cache.cache, "--csv")
     assert result.exit_code == 0, result.output
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    genres = trained.card["genres"]
+    genres = trained.card.genres
     assert rows[0] == ["poster", "genres", *genres, "error"]
     assert len(rows) == 5
     by_name = {Path(r[0]).name: r for r in rows[1:]}
@@ -327,10 +327,10 @@ def test_evaluate_cli_writes_json_and_plot(trained: Trained, real_cache, shared_
     reference = json.loads((tmp_path / "plain.json").read_text())
     # Genres too rare to enter the model's vocabulary (min_genre_posters) are unknown too.
     assert metrics["unknown_genres"] == sorted(reference["unknown_genres"] + ["Space-Opera"])
-    assert not set(metrics["unknown_genres"]) & set(trained.card["genres"])
+    assert not set(metrics["unknown_genres"]) & set(trained.card.genres)
     assert [u["path"] for u in metrics["unreadable_posters"]] == [str(tmp_path / "missing.jpg")]
     assert metrics["n_posters"] == len(table) - 1
-    assert [g["genre"] for g in metrics["per_genre"]] == trained.card["genres"]
+    assert [g["genre"] for g in metrics["per_genre"]] == trained.card.genres
     for g in metrics["per_genre"]:
         assert set(g) >= {"genre", "ap", "f1", "precision", "recall", "support", "threshold"}
     assert 0.0 < metrics["map"] <= 1.0 and metrics["map"] > metrics["prior_map"]
@@ -344,7 +344,7 @@ def test_evaluate_cli_writes_json_and_plot(trained: Trained, real_cache, shared_
 @pytest.mark.parametrize("part", ["detectors", "backbone"])
 def test_model_from_other_detectors_is_refused(trained: Trained, real_cache, shared_models, tmp_path: Path,
                                                part: str) -> None:
-    identity = json.loads(json.dumps(trained.card[part]))
+    identity = json.loads(json.dumps(getattr(trained.card, part)))
     if part == "detectors":
         identity["objects"]["weights_sha256"] = "0" * 64
         fragment = "model was trained on detector features"
@@ -409,5 +409,16 @@ def test_training_on_combined_collections_uses_each_ones_split(tiny_model, tmp_p
                                 "optim": {"epochs": 2, "ensemble": 1}})
     card = train(tmp_path / "all.csv", tiny_model.cache, config, tmp_path / "model", device="cpu")
     splits = combined["split"].str.lower()
-    assert card["training"]["train_posters"] == int((splits == "train").sum())
-    assert card["training"]["val_posters"] == int((splits == "val").sum())  # the 4 test rows in neither
+    assert card.training["train_posters"] == int((splits == "train").sum())
+    assert card.training["val_posters"] == int((splits == "val").sum())  # the 4 test rows in neither
+
+
+def test_the_model_card_reads_and_writes_the_same_json() -> None:
+    shipped = json.loads((default_model_dir() / "card.json").read_text())
+    card = ModelCard.from_json(shipped)
+    assert card.to_json() == shipped and list(card.to_json()) == list(shipped)
+    assert card.has_words and card.genres == shipped["genres"] and card.extra == {}
+    older = {k: v for k, v in shipped.items() if k not in ("train_genre_frequency", "words", "cnn_parts")}
+    loaded = ModelCard.from_json(older | {"added_by_a_newer_version": 1})
+    assert loaded.words is None and not loaded.has_words and loaded.cnn_parts is None and loaded.ensemble == shipped["ensemble"]
+    assert loaded.to_json()["added_by_a_newer_version"] == 1  # kept, and written back

@@ -178,13 +178,13 @@ def train_command(
             card = train(manifest, cache, settings, out, device, progress, on_epoch if main else None)
     if card is None:  # a torchrun rank other than 0
         return
-    v, t = card["validation"], card["training"]
+    v, t = card.validation, card.training
     typer.echo(
         f"trained {settings['mode']} on {t['train_posters']} posters (best epochs {t['best_epoch']} of {t['epochs_run']}, "
         f"{t['seconds']:.0f} s): val mAP {v['map']:.3f} (prior {v['prior_map']:.3f}), micro-F1 {v['micro_f1']:.3f}, "
         f"macro-F1 {v['macro_f1']:.3f}, top-n {v['top_n_accuracy']:.3f} -> {out}"
     )
-    words = card.get("words")
+    words = card.words
     if words and words["fitted"]:
         learnt = " and ".join({"title": "the titles", "ocr": "the training posters' text"}[k] for k in words["fitted_on"])
         typer.echo(f"word model: {words['vocabulary']} terms from {learnt}, weight {min(words['weight']):.2f}-"

@@ -37,7 +37,7 @@ def evaluate_manifest(manifest_path: str | Path, predictor: Predictor, cache_dir
     probs = predictor.probabilities(table)
     y = label_matrix(manifest, table.rows, genres)
     result = metrics.evaluate(y, probs, predictor.thresholds, genres)
-    frequency = predictor.card.get("train_genre_frequency")
+    frequency = predictor.card.train_genre_frequency
     if frequency is not None:
         prior = np.tile(np.asarray(frequency, np.float32), (len(y), 1))
         result["prior_map"] = metrics.mean_average_precision(y, prior)

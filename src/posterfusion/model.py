@@ -8,7 +8,7 @@ lives inside the module as buffers, so the saved weights are the whole model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -167,7 +167,50 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 
 
-def save_model(out_dir, model: FusionEnsemble, card: dict) -> None:
+CARD_FORMAT = "posterfusion-model/1"
+
+
+@dataclass(kw_only=True)
+class ModelCard:
+    """What a model folder says of its weights (``card.json``): the genres and their thresholds,
+    the config it was trained with, which detectors, backbone and text reader made its features (a
+    model never runs on others'), the word model, its validation scores and how it was trained.
+
+    Read and written as the same JSON. A card from an older version loads with what it lacks at
+    the defaults here; keys this version does not know are kept in ``extra`` and written back."""
+
+    format: str = CARD_FORMAT
+    genres: list[str]
+    thresholds: list[float]
+    train_genre_frequency: list[float] | None = None
+    config: dict = field(default_factory=dict)
+    feature_schema: dict | None = None  # version and columns of the detector features
+    detectors: dict | None = None  # identities of the models that made each feature group
+    backbone: dict | None = None
+    text: dict | None = None
+    words: dict | None = None  # the word model: fitted or why not, its weights per genre
+    validation: dict | None = None
+    training: dict | None = None
+    head: dict | None = None  # the heads' HeadConfig, ...
+    ensemble: int = 1  # ... how many there are ...
+    cnn_parts: list[list[int]] | None = None  # ... and the part of the embedding each reads (save_model)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def has_words(self) -> bool:
+        return bool((self.words or {}).get("fitted"))
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"} | self.extra
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelCard":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+
+def save_model(out_dir, model: FusionEnsemble, card: ModelCard) -> None:
     """Weights as safetensors and everything needed to use them as a JSON model card."""
     import json
     from pathlib import Path
@@ -178,12 +221,12 @@ def save_model(out_dir, model: FusionEnsemble, card: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    card = {**card, "head": model.config.to_dict(), "ensemble": len(model.heads),
-            "cnn_parts": [[h.config.cnn_offset, h.config.cnn_dim] for h in model.heads]}
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    card.head, card.ensemble = model.config.to_dict(), len(model.heads)
+    card.cnn_parts = [[h.config.cnn_offset, h.config.cnn_dim] for h in model.heads]
+    (out / CARD_FILE).write_text(json.dumps(card.to_json(), indent=2) + "\n")
 
 
-def load_model(model_dir) -> tuple[FusionEnsemble, dict]:
+def load_model(model_dir) -> tuple[FusionEnsemble, ModelCard]:
     """Read a model folder written by :func:`save_model`; errors name the file at fault."""
     import json
     from pathlib import Path
@@ -198,9 +241,9 @@ def load_model(model_dir) -> tuple[FusionEnsemble, dict]:
         if not path.is_file():
             raise PosterFusionError(f"{path}: not found; a model folder holds {CARD_FILE} and {WEIGHTS_FILE} (made by 'fusion train')")
     try:
-        card = json.loads(card_path.read_text())
-        head = card["head"]
-        parts = card.get("cnn_parts") or [[0, head["cnn_dim"]]] * card.get("ensemble", 1)  # older cards: one network
+        card = ModelCard.from_json(json.loads(card_path.read_text()))
+        head = card.head
+        parts = card.cnn_parts or [[0, head["cnn_dim"]]] * card.ensemble  # older cards: one network
         model = FusionEnsemble([FusionHead(HeadConfig(**head | {"cnn_offset": o, "cnn_dim": d})) for o, d in parts])
         model.load_state_dict(load_file(str(weights_path)), strict=True)
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, ValueError) as exc:

@@ -18,7 +18,7 @@ from .errors import PosterFusionError
 from . import frozen
 from .extract import Progress
 from .features import FeatureTable, stream_features
-from .model import CARD_FILE, load_model, predict_proba
+from .model import CARD_FILE, ModelCard, load_model, predict_proba
 from .weights import objects_from_card, weights_dir
 from .words import WordModel
 
@@ -60,22 +60,21 @@ class Predictor:
         ~3x faster on a CPU, for the accuracy the word model adds."""
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.head, self.card = load_model(self.model_dir)
-        config = self.card["config"]
-        has_words = bool((self.card.get("words") or {}).get("fitted"))
-        use_words = has_words and words
-        weights_file = (self.card.get("backbone") or {}).get("weights_file")  # a fine-tuned backbone
+        config = self.card.config
+        use_words = self.card.has_words and words
+        weights_file = (self.card.backbone or {}).get("weights_file")  # a fine-tuned backbone
         self.models = frozen.create_frozen_models(
-            objects=objects_from_card(config["objects"], objects, self.model_dir / CARD_FILE) if self.card.get("detectors") else None,
-            backbone=config["backbone"] if self.card.get("backbone") else None,
+            objects=objects_from_card(config["objects"], objects, self.model_dir / CARD_FILE) if self.card.detectors else None,
+            backbone=config["backbone"] if self.card.backbone else None,
             device=device,
             backbone_weights=self.model_dir / weights_file if weights_file else None,
             backbone_view=config.get("backbone_view"),
-            text=bool(self.card.get("text")) and (use_words or self.head.config.text_dim > 0),
+            text=bool(self.card.text) and (use_words or self.head.config.text_dim > 0),
         )
         check_compatible(self.card, self.models, self.model_dir)
         self.words = WordModel.load(self.model_dir) if use_words else None
-        self.genres: list[str] = self.card["genres"]
-        thresholds = self.card["words"]["head_thresholds"] if has_words and not use_words else self.card["thresholds"]
+        self.genres: list[str] = self.card.genres
+        thresholds = self.card.words["head_thresholds"] if self.card.has_words and not use_words else self.card.thresholds
         self.thresholds = np.asarray(thresholds, np.float32)
 
     def stream(self, paths: Iterable[str], cache_dir: str | Path | None = None, batch_size: int = 32,
@@ -122,28 +121,28 @@ class Predictor:
         return out
 
 
-def check_compatible(card: dict, models: frozen.FrozenModels, where: Path) -> None:
+def check_compatible(card: ModelCard, models: frozen.FrozenModels, where: Path) -> None:
     """Refuse a model whose features would come from other detectors, backbone or schema."""
-    if card.get("detectors") and card["detectors"] != models.detectors.identity:
+    if card.detectors and card.detectors != models.detectors.identity:
         raise PosterFusionError(
-            f"{where}: model was trained on detector features {_short(card['detectors'])}, "
+            f"{where}: model was trained on detector features {_short(card.detectors)}, "
             f"but this installation produces {_short(models.detectors.identity)}; retrain with 'fusion train'"
         )
-    trained = {k: v for k, v in (card.get("backbone") or {}).items() if k not in ("weights_file", "fine_tuned_from")}
+    trained = {k: v for k, v in (card.backbone or {}).items() if k not in ("weights_file", "fine_tuned_from")}
     if trained and trained != models.backbone.identity:
         raise PosterFusionError(
-            f"{where}: model was trained on backbone {card['backbone'].get('name')} "
-            f"({card['backbone'].get('weights_sha256', '')[:12]}), not {models.backbone.identity['name']} "
+            f"{where}: model was trained on backbone {card.backbone.get('name')} "
+            f"({card.backbone.get('weights_sha256', '')[:12]}), not {models.backbone.identity['name']} "
             f"({models.backbone.identity['weights_sha256'][:12]}); retrain with 'fusion train'"
         )
-    if card.get("text") and models.text is not None and card["text"] != models.text.identity:
+    if card.text and models.text is not None and card.text != models.text.identity:
         raise PosterFusionError(
-            f"{where}: model was trained on text read by {card['text'].get('name')} with other settings than "
+            f"{where}: model was trained on text read by {card.text.get('name')} with other settings than "
             f"this installation's ({models.text.identity.get('package')}); retrain with 'fusion train'"
         )
-    if card.get("feature_schema") and card["feature_schema"]["version"] != schema.SCHEMA_VERSION:
+    if card.feature_schema and card.feature_schema["version"] != schema.SCHEMA_VERSION:
         raise PosterFusionError(
-            f"{where}: model uses feature schema v{card['feature_schema']['version']}, this installation v{schema.SCHEMA_VERSION}"
+            f"{where}: model uses feature schema v{card.feature_schema['version']}, this installation v{schema.SCHEMA_VERSION}"
         )
 
 

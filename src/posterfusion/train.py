@@ -28,7 +28,7 @@ from .features import Features, FeatureTable, gather
 from .files import atomic_folder
 from .manifest import Manifest, label_matrix, load_manifest
 from .loop import Schedule, fit, loss_function
-from .model import CARD_FILE, FusionEnsemble, FusionHead, HeadConfig, predict_proba, save_model
+from .model import CARD_FILE, FusionEnsemble, FusionHead, HeadConfig, ModelCard, predict_proba, save_model
 from .words import WORDS_FILE, WordModel
 
 def models_for(config: dict, device: str = "auto") -> FrozenModels:
@@ -184,7 +184,7 @@ MODEL_FILES = (CARD_FILE, "*.safetensors")
 
 def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_dir: str | Path,
           device: str = "auto", progress: Progress | None = None,
-          on_epoch: Callable[[int, float, float], None] | None = None) -> dict | None:
+          on_epoch: Callable[[int, float, float], None] | None = None) -> ModelCard | None:
     """The whole `fusion train` command as a function; returns the model card.
 
     The model folder is written whole or not at all (:func:`~posterfusion.files.atomic_folder`):
@@ -204,7 +204,7 @@ def train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_di
 
 
 def _train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_dir: Path, device: str,
-           progress: Progress | None, on_epoch: Callable[[int, float, float], None] | None) -> dict | None:
+           progress: Progress | None, on_epoch: Callable[[int, float, float], None] | None) -> ModelCard | None:
     start = time.perf_counter()
     if config["finetune"]["enabled"] and len(embedding_parts(config["backbone"])) > 1:
         raise PosterFusionError(f"config: finetune trains one network, and backbone '{config['backbone']}' is several; "
@@ -238,20 +238,19 @@ def _train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_d
             thresholds = metrics.tune_thresholds(y[val_idx], mixed_val)
             validation = metrics.evaluate(y[val_idx], mixed_val, thresholds, genres)
 
-    card = {
-        "format": "posterfusion-model/1",
-        "genres": genres,
-        "thresholds": [round(float(t), 4) for t in thresholds],
-        "train_genre_frequency": [round(float(f), 5) for f in y[train_idx].mean(0)],
-        "config": config,
-        "feature_schema": {"version": schema.SCHEMA_VERSION, "columns": schema.COLUMNS} if features.detectors is not None else None,
-        "detectors": models.detectors.identity if models.detectors else None,
-        "backbone": backbone_identity,
-        "text": models.text.identity if models.text else reader,
-        "words": words_card,
-        "validation": {k: validation[k] for k in ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")}
+    card = ModelCard(
+        genres=genres,
+        thresholds=[round(float(t), 4) for t in thresholds],
+        train_genre_frequency=[round(float(f), 5) for f in y[train_idx].mean(0)],
+        config=config,
+        feature_schema={"version": schema.SCHEMA_VERSION, "columns": schema.COLUMNS} if features.detectors is not None else None,
+        detectors=models.detectors.identity if models.detectors else None,
+        backbone=backbone_identity,
+        text=models.text.identity if models.text else reader,
+        words=words_card,
+        validation={k: validation[k] for k in ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")}
         | {"prior_map": prior, "n_posters": len(val_idx), "per_genre": validation["per_genre"]},
-        "training": {
+        training={
             "manifest": str(manifest_path),
             "manifest_sha256": hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest(),
             "manifest_rows": len(manifest),
@@ -265,7 +264,7 @@ def _train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_d
             "seconds": round(time.perf_counter() - start, 1),
             "device": str(torch_device),
         },
-    }
+    )
     save_model(out_dir, head, card)
     if word_model is not None:
         word_model.save(out_dir)
