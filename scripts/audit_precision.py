@@ -15,8 +15,9 @@ audit's score is the threshold ratio (see posterfusion.audit); ``val`` is where 
 be chosen, ``test`` what it is worth.
 
     fusion manifest split ../shared/data/movieposters/labels.csv --val 0.15 --test 0.15 --seed 0 --out split.csv
-    fusion train --manifest split.csv --cache CACHE --out model      # val: early stopping, thresholds
-    python scripts/audit_precision.py --manifest split.csv --model model --cache CACHE [--seeds 0,1,2,3,4]
+    fusion train --manifest split.csv --cache CACHE --out model-0    # val: early stopping, thresholds
+    fusion train --manifest split.csv --cache CACHE --config seed10.yaml --out model-10   # seed: 10
+    python scripts/audit_precision.py --manifest split.csv --model model-0 model-10 --cache CACHE [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def mean_sd(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, help="labelled manifest with a 'split' column")
-    parser.add_argument("--model", required=True, help="a model trained on the manifest's train rows")
+    parser.add_argument("--model", required=True, nargs="+", help="models trained on the manifest's train rows "
+                        "(several: other seeds, each audited under every corruption)")
     parser.add_argument("--cache", default=None)
     parser.add_argument("--splits", default="val,test")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the corruptions")
@@ -115,9 +117,8 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    predictor = Predictor(args.model, words=not args.no_words)
-    auditor = Auditor(predictor)
-    frequency = np.asarray(predictor.card.train_genre_frequency, np.float64)
+    auditors = [Auditor(Predictor(model, words=not args.no_words)) for model in args.model]
+    auditor = auditors[0]
     manifest = load_manifest(args.manifest)
     split = manifest.table["split"].fillna("").str.strip().str.lower()
     print(f"| split | finding | ordering | {' | '.join(f'P@{k}' for k in KS)} | pairs ranked |")
@@ -126,13 +127,14 @@ def main() -> None:
         rows = np.flatnonzero(split.to_numpy() == name)
         paths = [manifest.paths[i] for i in rows]
         labels = [auditor.known(manifest.table["genre_list"].iloc[i]) for i in rows]
-        runs = [one_corruption(auditor, paths, labels, frequency, args.cache, int(seed)) for seed in args.seeds.split(",")]
+        runs = [one_corruption(each, paths, labels, np.asarray(each.predictor.card.train_genre_frequency, np.float64),
+                               args.cache, int(seed)) for each in auditors for seed in args.seeds.split(",")]
         for key in runs[0]:
             kind, ordering = key
             cells = [mean_sd([run[key][j] for run in runs]) for j in range(len(KS))]
             count = statistics.fmean(run[key][-1] for run in runs)
             print(f"| {name} ({len(rows)} posters) | {kind} | {ordering} | {' | '.join(cells)} | {count:.0f} |")
-    print(f"\n{len(args.seeds.split(','))} corruptions per split, model {args.model}, "
+    print(f"\n{len(args.seeds.split(','))} corruptions per split and model, models {', '.join(args.model)}, "
           f"words {'off' if args.no_words else 'on'}; {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 

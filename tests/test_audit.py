@@ -25,7 +25,7 @@ from conftest import TinyModel
 from typer.testing import CliRunner
 
 from helpers import assert_one_line_error
-from posterfusion.audit import MIN_SCORE, MISSING, NOT_CONVEYED, finding_scores, read_audits
+from posterfusion.audit import EVIDENCE_MIN, MIN_SCORE, MISSING, NOT_CONVEYED, finding_scores, read_audits
 from posterfusion.cli import fusion_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +99,8 @@ def test_a_wrong_label_and_a_missing_genre_are_found_and_explained(planted: dict
     assert (MISSING, planted["missing"]) in kinds
     assert (NOT_CONVEYED, planted["right"]) not in kinds  # 1.5x over its threshold: conveyed
     assert all(f["score"] >= MIN_SCORE for f in first["findings"] + second["findings"])
-    for finding in first["findings"] + second["findings"]:
-        assert finding["evidence"] and all(isinstance(name, str) for name, _ in finding["evidence"])
+    evidence = [e for f in first["findings"] + second["findings"] for e in f["evidence"]]
+    assert evidence and all(isinstance(name, str) and abs(change) >= EVIDENCE_MIN for name, change in evidence)
     assert "read" in first["evidence"] and "faces" in first["evidence"]  # what was seen and read
     summary = result.stderr.splitlines()[-1]
     assert summary.startswith("2 posters audited: 1 labelled genres not conveyed") and "0 skipped" in summary

@@ -40,7 +40,9 @@ MIN_SCORE = 1.0
 twice it. Lower-scored pairs are too many to read (about half of all labels sit below the
 threshold) and rank below every finding kept."""
 EVIDENCE = 3
-"""Feature groups named per finding."""
+"""Feature groups named per finding, ..."""
+EVIDENCE_MIN = 0.005
+"""... those that moved its probability by this much at least (smaller changes explain nothing)."""
 
 
 @dataclass
@@ -120,7 +122,8 @@ class Auditor:
         audit.findings = sorted(
             (Finding(NOT_CONVEYED if labelled[i] else MISSING, self.genres[i], round(float(scores[i]), 4),
                      round(float(probabilities[i]), 4), round(float(self.predictor.thresholds[i]), 4),
-                     [(name, round(change, 4)) for name, change in why[self.genres[i]]]) for i in found),
+                     [(name, round(change, 4)) for name, change in why[self.genres[i]] if abs(change) >= EVIDENCE_MIN])
+             for i in found),
             key=lambda f: -f.score,
         )
 
