@@ -321,6 +321,8 @@ def audit_command(
 
     Without --out the posters with findings are printed; the summary line ends the run.
     """
+    import collections
+    import dataclasses
     import sys
 
     from .audit import AuditLayout, Auditor, catalogue_records, read_audits
@@ -344,23 +346,25 @@ def audit_command(
     todo = [r for r in records if r[0] not in done]
     if show_progress is None:
         show_progress = sys.stderr.isatty()
-    audits = []
+    kept = []  # for a report without --out: the records less their probabilities, which it does not show
+    counts = collections.Counter()
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_RichProgress(len(todo), "audit")) if show_progress else None
         failures = _PredictReport(bar)
         stack.callback(sink.close)
         for batch in auditor.stream(todo, cache, batch_size, failures):
             sink.write(batch)
-            audits.extend(batch)
+            counts.update(["posters"] * len(batch) + [f.kind for a in batch for f in a.findings])
+            if report is not None and out is None:
+                kept.extend(dataclasses.replace(a, probabilities={}) for a in batch)
     if report is not None:
         from .audit_report import write_audit_report
 
-        everything = read_audits(out) if out is not None else audits
+        everything = read_audits(out) if out is not None else kept
         write_audit_report(report, everything, auditor.genres, f"posterfusion audit: {manifest.name}", top, unknown)
-    counts = {kind: sum(1 for a in audits for f in a.findings if f.kind == kind) for kind in ("not conveyed", "probably missing")}
     where = f" -> {out} ({len(done)} already there)" if out is not None else ""
-    typer.echo(f"{len(audits) - failures.failed} posters audited: {counts['not conveyed']} labelled genres not conveyed, "
-               f"{counts['probably missing']} probably missing; {failures.failed} skipped{where}", err=True)
+    typer.echo(f"{counts['posters'] - failures.failed} posters audited: {counts['not conveyed']} labelled genres not "
+               f"conveyed, {counts['probably missing']} probably missing; {failures.failed} skipped{where}", err=True)
 
 
 @fusion_app.command("evaluate")
