@@ -4,6 +4,7 @@ and the page in a real browser (headless Chromium driven by Selenium)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import socket
 import tempfile
@@ -34,20 +35,23 @@ def test_each_decoder_refusal_has_its_status(reason: str, status: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: TinyModel) -> Iterator[str]:
-    """The app with the tiny model, served by uvicorn on a free localhost port in this process."""
-    import uvicorn
-
+def predictor(tiny_model: TinyModel):
     from posterfusion.predict import Predictor
 
     with pytest.MonkeyPatch.context() as patch:
         share_models(patch)
-        predictor = Predictor(tiny_model.model, "cpu")
+        return Predictor(tiny_model.model, "cpu")
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """``app`` served by uvicorn on a free localhost port in this process."""
+    import uvicorn
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(predictor, Limits(MAX_FILES, MAX_BYTES)), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -57,6 +61,13 @@ def server(tiny_model: TinyModel) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(predictor) -> Iterator[str]:
+    """The app with the tiny model."""
+    with running(create_app(predictor, Limits(MAX_FILES, MAX_BYTES))) as url:
+        yield url
 
 
 def post(server: str, files: list[tuple[str, bytes]], **params) -> httpx.Response:
@@ -176,3 +187,92 @@ def test_the_page_shows_genres_and_the_annotated_poster_and_errors(server: str, 
     error = wait.until(lambda b: next(iter(b.find_elements(By.CSS_SELECTOR, ".result.failed .error")), None))
     assert "notes.txt: not an image" in error.text
     assert len(browser.find_elements(By.CSS_SELECTOR, ".result")) == 2  # the poster's result stays
+
+
+# --- under load: a bounded queue, deadlines, disconnected clients -------------------------------
+
+
+@pytest.fixture
+def gated(predictor):
+    """The app admitting one request at a time, each waiting at most 1 s for the model, and its gate."""
+    app = create_app(predictor, Limits(MAX_FILES, MAX_BYTES, queue=1, timeout=1.0))
+    with running(app) as url:
+        yield url, app.state.gate
+
+
+def _post_in_background(url: str, poster: Path, timeout: float = 60) -> dict:
+    """POST ``poster`` from a thread; the dict gets its response (or the exception) when it ends."""
+    answer: dict = {}
+
+    def send() -> None:
+        try:
+            answer["response"] = httpx.post(f"{url}/predict?annotate=false", files={"files": (poster.name, poster.read_bytes())},
+                                            timeout=timeout)
+        except httpx.HTTPError as exc:
+            answer["error"] = exc
+
+    answer["thread"] = threading.Thread(target=send, daemon=True)
+    answer["thread"].start()
+    return answer
+
+
+def _until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_full_queue_is_answered_503_with_retry_after_and_health_stays_answered(gated, tiny_model: TinyModel) -> None:
+    url, gate = gated
+    poster = tiny_model.posters[0]
+    gate._model.acquire()  # the model is busy
+    try:
+        first = _post_in_background(url, poster)
+        _until(lambda: gate.admitted == 1)
+        refused = httpx.post(f"{url}/predict", files={"files": (poster.name, poster.read_bytes())}, timeout=10)
+        assert refused.status_code == 503 and refused.json()["detail"].startswith("busy: 1 requests admitted")
+        assert int(refused.headers["Retry-After"]) >= 1
+        started = time.monotonic()
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        assert time.monotonic() - started < 2 and health["admitted"] == 1 and health["queue"] == 1
+    finally:
+        gate._model.release()
+    first["thread"].join(60)
+    assert first["response"].status_code == 200, first
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    assert health["admitted"] == 0 and health["answered_last_minute"] >= 1 and health["latency_s"]["p50"] is not None
+
+
+@pytest.mark.slow
+def test_a_request_past_its_deadline_is_answered_503(gated, tiny_model: TinyModel) -> None:
+    url, gate = gated
+    gate._model.acquire()
+    try:
+        answer = _post_in_background(url, tiny_model.posters[0])
+        answer["thread"].join(30)  # the deadline is 1 s
+    finally:
+        gate._model.release()
+    response = answer["response"]
+    assert response.status_code == 503 and "waited over 1 s" in response.json()["detail"]
+    assert gate.refused["timed out"] == 1
+    assert "Retry-After" in response.headers
+
+
+@pytest.mark.slow
+def test_a_client_gone_before_its_turn_is_not_computed(gated, predictor, tiny_model: TinyModel,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    url, gate = gated
+    computed = []
+    real = predictor.predict
+    monkeypatch.setattr(predictor, "predict", lambda *a, **k: computed.append(1) or real(*a, **k))
+    gate._model.acquire()
+    try:
+        answer = _post_in_background(url, tiny_model.posters[0], timeout=0.5)  # gives up while waiting
+        answer["thread"].join(30)
+        assert isinstance(answer.get("error"), httpx.TimeoutException)
+    finally:
+        gate._model.release()
+    _until(lambda: gate.admitted == 0)
+    assert computed == [] and gate.refused["disconnected"] == 1 and not gate.refused["timed out"]

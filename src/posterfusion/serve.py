@@ -12,20 +12,29 @@
   file and the problem (400 empty or no files, 411 no Content-Length, 413 too large, too many
   files or a decompression bomb, 415 not an image, 422 an image that cannot be decoded). Never a
   500 for an upload.
-* ``GET /health``: the model folder, its genres and the device, for a readiness probe.
+* ``GET /health``: the model folder, its genres and the device, how many requests are admitted
+  and the last minute's latency percentiles; answered at once however busy the model is.
 
 The model is loaded once, when the app is made, and runs one request at a time (a lock: the frozen
-models are not thread-safe, and two requests at once would only share the same cores). Uploads are
-written only into a fresh temporary folder per request, under their position, never their name,
-and removed when the answer is sent.
+models are not thread-safe, and two requests at once would only share the same cores). At most
+``queue`` requests are admitted at once (computing or waiting); the next is answered 503 with
+``Retry-After`` before its body is read, so memory stays bounded whatever the clients do (at most
+``queue`` bodies of at most ``max_files`` x ``max_file_bytes``). A request that waited longer than
+``timeout`` for the model is answered 503 instead of being computed for a client that has likely
+gone, and one whose client has disconnected is not computed. Uploads are written only into a fresh
+temporary folder per request, under their position, never their name, and removed when the answer
+is sent.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route functions' annotations, and
 # the types they name are imported inside create_app.
 import base64
+import collections
 import io
+import math
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,14 +48,97 @@ if TYPE_CHECKING:
 
 MAX_FILES = 16
 MAX_FILE_MB = 20
+QUEUE = 4
+"""Requests admitted at once by default: with 16 files of 20 MB each, at most ~1.3 GB of bodies."""
+TIMEOUT = 60.0
+"""Seconds a request may wait for the model by default before it is answered 503."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry."""
+    """What one request may carry, how many are admitted at once, and how long one may wait."""
 
     max_files: int = MAX_FILES
     max_file_bytes: int = MAX_FILE_MB * 2**20
+    queue: int = QUEUE
+    timeout: float = TIMEOUT
+
+
+class Busy(Exception):
+    """The server cannot take a request now: 503, with the seconds after which to retry."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class Gate:
+    """Admission and the one model: at most ``limits.queue`` requests in at once, computed one at a
+    time, each given up after waiting ``limits.timeout`` seconds; the last minute's latencies."""
+
+    WINDOW = 60.0
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.admitted = 0
+        self.refused = collections.Counter()  # busy, timed out, disconnected: since the start
+        self._count = threading.Lock()
+        self._model = threading.Lock()
+        self._latencies: collections.deque[tuple[float, float]] = collections.deque()  # (answered at, seconds)
+
+    def admit(self) -> None:
+        """Take a place in the queue, or :class:`Busy` when there is none."""
+        with self._count:
+            full = self.admitted >= self.limits.queue
+            if not full:
+                self.admitted += 1
+        if full:
+            self.refused["busy"] += 1
+            raise Busy(f"busy: {self.limits.queue} requests admitted, the most this server takes (--queue); "
+                       "retry later", self.retry_after())
+
+    def leave(self, started: float) -> None:
+        with self._count:
+            self.admitted -= 1
+            now = time.monotonic()
+            self._latencies.append((now, now - started))
+
+    def run(self, compute, started: float, gone=lambda: False):
+        """``compute()`` once the model is free, unless the request has waited past its deadline
+        or ``gone()`` (its client disconnected)."""
+        if not self._model.acquire(timeout=max(0.0, started + self.limits.timeout - time.monotonic())):
+            self.refused["timed out"] += 1
+            raise Busy(f"waited over {self.limits.timeout:g} s for the model (--timeout); retry later", self.retry_after())
+        try:
+            if gone():
+                self.refused["disconnected"] += 1
+                raise Busy("the client disconnected before its turn", 0)
+            return compute()
+        finally:
+            self._model.release()
+
+    def _recent(self) -> list[float]:
+        cutoff = time.monotonic() - self.WINDOW
+        with self._count:
+            while self._latencies and self._latencies[0][0] < cutoff:
+                self._latencies.popleft()
+            return sorted(seconds for _, seconds in self._latencies)
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely free: the queue ahead at the recent mean latency."""
+        recent = self._recent()
+        mean = sum(recent) / len(recent) if recent else 1.0
+        return max(1, math.ceil(mean * max(1, self.admitted)))
+
+    def stats(self) -> dict:
+        recent = self._recent()
+
+        def pct(q: float) -> float | None:
+            return round(recent[min(len(recent) - 1, int(q * len(recent)))], 3) if recent else None
+
+        return {"admitted": self.admitted, "queue": self.limits.queue, "refused": dict(self.refused),
+                "answered_last_minute": len(recent),
+                "latency_s": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99)}}
 
 
 class UploadError(Exception):
@@ -121,17 +213,17 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="posterfusion", version="1", docs_url=None, redoc_url=None)
-    lock = threading.Lock()
+    gate = app.state.gate = Gate(limits)
     # The whole body of the largest acceptable request, and room for the multipart framing.
     max_body = limits.max_files * limits.max_file_bytes + 2**20
-
-    def run(uploads: list[tuple[str, bytes]], annotate: bool) -> list[dict]:
-        with lock:
-            return predict_uploads(predictor, uploads, annotate, limits)
 
     @app.exception_handler(UploadError)
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(Busy)
+    async def busy(_: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -140,10 +232,20 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": str(predictor.model_dir), "genres": predictor.genres,
-                "device": str(predictor.models.device)}
+                "device": str(predictor.models.device)} | gate.stats()
 
     @app.post("/predict")
     async def predict(request: Request, annotate: bool = True) -> dict:
+        started = time.monotonic()
+        gate.admit()  # before the body is read: a full queue costs the server nothing
+        try:
+            return await answer(request, annotate, started)
+        finally:
+            gate.leave(started)
+
+    async def answer(request: "Request", annotate: bool, started: float) -> dict:
+        import anyio.from_thread
+
         length = request.headers.get("content-length", "")
         if not length.isdigit():  # a chunked body would be spooled to disk before any limit applies
             raise UploadError(411, "send the request with a Content-Length (browsers, curl and HTTP libraries do)")
@@ -163,8 +265,14 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
             if isinstance(value, str):
                 raise UploadError(400, "the field 'files' must hold files, not text")
             uploads.append((value.filename or f"upload {len(uploads) + 1}", await value.read(limits.max_file_bytes + 1)))
+        def compute() -> list[dict]:
+            return predict_uploads(predictor, uploads, annotate, limits)
+
+        def gone() -> bool:
+            return anyio.from_thread.run(request.is_disconnected)
+
         try:
-            return {"results": await run_in_threadpool(run, uploads, annotate)}
+            return {"results": await run_in_threadpool(gate.run, compute, started, gone)}
         finally:
             await form.close()
 
@@ -172,10 +280,12 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
 
 
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
-    """Run the app with uvicorn until interrupted."""
+    """Run the app with uvicorn until interrupted. SIGTERM or Ctrl+C stops it gracefully (uvicorn's
+    own handling): no new connections, the requests already in are answered, then it exits."""
     import uvicorn
 
-    uvicorn.run(create_app(predictor, limits), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(predictor, limits), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=limits.timeout * (limits.queue + 1))
 
 
 PAGE = """<!doctype html>
