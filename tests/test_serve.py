@@ -276,3 +276,42 @@ def test_a_client_gone_before_its_turn_is_not_computed(gated, predictor, tiny_mo
         gate._model.release()
     _until(lambda: gate.admitted == 0)
     assert computed == [] and gate.refused["disconnected"] == 1 and not gate.refused["timed out"]
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_request_in_flight_then_exits(tiny_model: TinyModel) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(sys.executable).with_name("fusion")
+    command = [str(script)] if script.is_file() else [sys.executable, "-c", "from posterfusion.cli import fusion_app; fusion_app()"]
+    process = subprocess.Popen(command + ["serve", "--model", str(tiny_model.model), "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _until(up, timeout=120)
+        poster = tiny_model.posters[1]
+        answer = {}
+        thread = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            f"{url}/predict", files={"files": (poster.name, poster.read_bytes())}, timeout=120)), daemon=True)
+        thread.start()
+        _until(lambda: httpx.get(f"{url}/health", timeout=5).json()["admitted"] == 1)  # annotating: seconds of work
+        process.send_signal(signal.SIGTERM)
+        thread.join(120)
+        assert answer["r"].status_code == 200 and answer["r"].json()["results"][0]["genres"]
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
