@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from posterfusion.audit import MISSING, NOT_CONVEYED, Auditor
+from posterfusion.metrics import mean_sd
 from posterfusion.manifest import load_manifest
 from posterfusion.predict import Predictor
 
@@ -98,11 +99,6 @@ def one_corruption(auditor: Auditor, paths: list[str], labels: list[list[str]], 
             rows[(kind, name)] = [precision_at(ranked, truth, k) for k in KS] + [len(by_score) if "audit" in name else mask.sum()]
         rows[(kind, "random (base rate)")] = [len(truth) / mask.sum()] * len(KS) + [mask.sum()]
     return rows
-
-
-def mean_sd(values: list[float]) -> str:
-    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-    return f"{statistics.fmean(values):.3f}{sd}"
 
 
 def main() -> None:

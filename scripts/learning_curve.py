@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from posterfusion import metrics
+from posterfusion.metrics import mean_sd
 from posterfusion.config import load_config
 from posterfusion.frozen import resolve_device
 from posterfusion.model import predict_proba
@@ -43,11 +44,6 @@ def default_sizes(counts: list[int]) -> list[int]:
     the rest."""
     first, rest = counts[0], sum(counts[1:])
     return sorted({first // 2, first} | ({first + rest // 4, first + rest // 2, first + rest} if rest else set()))
-
-
-def mean_sd(values: list[float]) -> str:
-    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-    return f"{statistics.fmean(values):.3f}{sd}"
 
 
 def main() -> None:

@@ -9,13 +9,9 @@ missing by construction.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ import pytest
 from conftest import TinyModel
 from typer.testing import CliRunner
 
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, kill_when
 from posterfusion.audit import EVIDENCE_MIN, MIN_SCORE, MISSING, NOT_CONVEYED, finding_scores, read_audits
 from posterfusion.cli import fusion_app
 
@@ -161,20 +157,8 @@ def test_a_killed_audit_resumed_has_every_poster_once(suffix: str, tiny_model: T
             return 2 * len(list(out.with_name(out.name + ".parts").glob("part-*.parquet")))
         return len(out.read_text().splitlines()) if out.exists() else 0
 
-    process = subprocess.Popen(_fusion("audit", tiny_model.manifest, "--model", tiny_model.model, "--cache", cache,
-                                       "--out", out, "--batch-size", 2), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while written() < 4:
-            assert process.poll() is None, "the audit ended before it could be killed"
-            assert time.monotonic() < deadline, "no records within 300 s"
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+    kill_when(_fusion("audit", tiny_model.manifest, "--model", tiny_model.model, "--cache", cache, "--out", out,
+                      "--batch-size", 2), REPO, lambda: written() >= 4)
     before = written()
     assert 4 <= before < len(tiny_model.posters)
 

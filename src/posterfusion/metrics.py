@@ -208,6 +208,12 @@ def _cell(value: float | None, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
 
 
+def mean_sd(values: Sequence[float]) -> str:
+    """``0.344 ± 0.001``: a figure over seeds as the results tables print it (no sd for one value)."""
+    mean = float(np.mean(values))
+    return f"{mean:.3f} ± {float(np.std(values, ddof=1)):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text per-genre table and summary lines for a terminal, from :func:`evaluate`.
 
