@@ -204,8 +204,8 @@ def main() -> None:
                 args.manifest, args.cache, config | {"backbone": backbone, "backbone_view": view, "text": text}, args.device)
         return datasets[backbone, view, text]
 
-    if "prior" in wanted:
-        data = data_for(LITE0["backbone"], LITE0["backbone_view"])
+    if "prior" in wanted:  # needs no features: the shipped backbone's posters (a cache of them is the usual one)
+        data = data_for(config["backbone"], config["backbone_view"])
         test = split_positions(data.manifest, data.table.rows, "test")
         y_val, y_test = data.y[data.val_idx], data.y[test]
         thresholds = metrics.tune_thresholds(y_val, metrics.prior_scores(data.y[data.train_idx], len(data.val_idx)))
