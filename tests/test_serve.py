@@ -272,6 +272,7 @@ def test_a_client_gone_before_its_turn_is_not_computed(gated, predictor, tiny_mo
         answer = _post_in_background(url, tiny_model.posters[0], timeout=0.5)  # gives up while waiting
         answer["thread"].join(30)
         assert isinstance(answer.get("error"), httpx.TimeoutException)
+        time.sleep(0.2)  # the server learns of the closed connection (well within the 1 s deadline)
     finally:
         gate._model.release()
     _until(lambda: gate.admitted == 0)
@@ -315,3 +316,34 @@ def test_sigterm_answers_the_request_in_flight_then_exits(tiny_model: TinyModel)
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.slow
+def test_requests_waiting_together_share_a_batch_and_get_their_own_answers(predictor, tiny_model: TinyModel) -> None:
+    app = create_app(predictor, Limits(MAX_FILES, MAX_BYTES, queue=4, timeout=60))
+    gate = app.state.gate
+    posters = [tiny_model.posters[0], tiny_model.posters[2], tiny_model.posters[3]]
+    with running(app) as url:
+        gate._model.acquire()  # busy: the next requests wait together
+        try:
+            one = _post_in_background(url, posters[0])
+            two: dict = {}
+
+            def send_two() -> None:
+                files = [("files", (p.name, p.read_bytes())) for p in posters[1:]]
+                two["response"] = httpx.post(f"{url}/predict?annotate=false", files=files, timeout=60)
+
+            thread = threading.Thread(target=send_two, daemon=True)
+            thread.start()
+            _until(lambda: len(gate._pending) == 2)
+        finally:
+            gate._model.release()
+        one["thread"].join(60)
+        thread.join(60)
+    assert list(gate.batches) == [2]  # one forward pass for both requests
+    got = one["response"].json()["results"] + two["response"].json()["results"]
+    assert [r["poster"] for r in got] == [p.name for p in posters]
+    expected = predictor.predict([str(p) for p in posters])
+    for record, prediction in zip(got, expected):
+        assert record["genres"] == prediction.genres
+        assert record["probabilities"] == pytest.approx(prediction.probabilities, abs=1e-6)

@@ -417,6 +417,7 @@ def serve_command(
     max_mb: int = typer.Option(20, "--max-mb", min=1, help="Largest poster file accepted, in MB."),
     queue: int = typer.Option(4, "--queue", min=1, help="Requests admitted at once (computing or waiting); the next gets 503 with Retry-After. Bodies held: at most queue x max-files x max-mb."),
     timeout: float = typer.Option(60.0, "--timeout", min=0.1, help="Seconds a request may wait for the model before it is answered 503."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Posters of requests waiting together that go through the models as one batch, at most."),
 ) -> None:
     """A local web page to drop posters on, and a JSON API (POST /predict, GET /health).
 
@@ -427,4 +428,4 @@ def serve_command(
 
     predictor = Predictor(model, device, objects)
     typer.echo(f"model {predictor.model_dir} loaded; open http://{host}:{port}/ (Ctrl+C stops)", err=True)
-    serve(predictor, host, port, Limits(max_files, max_mb * 2**20, queue, timeout))
+    serve(predictor, host, port, Limits(max_files, max_mb * 2**20, queue, timeout, max_batch))

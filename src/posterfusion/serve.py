@@ -15,8 +15,10 @@
 * ``GET /health``: the model folder, its genres and the device, how many requests are admitted
   and the last minute's latency percentiles; answered at once however busy the model is.
 
-The model is loaded once, when the app is made, and runs one request at a time (a lock: the frozen
-models are not thread-safe, and two requests at once would only share the same cores). At most
+The model is loaded once, when the app is made, and runs one batch at a time (a lock: the frozen
+models are not thread-safe, and two batches at once would only share the same cores); the posters
+of requests that wait together go through it as one batch, each request getting its own answer
+(an annotated request goes alone, its drawing being per poster anyway). At most
 ``queue`` requests are admitted at once (computing or waiting); the next is answered 503 with
 ``Retry-After`` before its body is read, so memory stays bounded whatever the clients do (at most
 ``queue`` bodies of at most ``max_files`` x ``max_file_bytes``). A request that waited longer than
@@ -35,7 +37,7 @@ import math
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +54,25 @@ QUEUE = 4
 """Requests admitted at once by default: with 16 files of 20 MB each, at most ~1.3 GB of bodies."""
 TIMEOUT = 60.0
 """Seconds a request may wait for the model by default before it is answered 503."""
+MAX_BATCH = 16
+"""Posters of requests waiting together that go through the models as one batch, at most."""
+BATCH_WAIT = 0.005
+"""Seconds the model waits for company before it starts a batch."""
+
+
+@dataclass
+class Job:
+    """One request's checked uploads on their way through the model, and what came of them."""
+
+    names: list[str]
+    pixels: list
+    paths: list[str]
+    annotate: bool
+    started: float
+    records: list[dict] | None = None
+    error: Exception | None = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -62,6 +83,8 @@ class Limits:
     max_file_bytes: int = MAX_FILE_MB * 2**20
     queue: int = QUEUE
     timeout: float = TIMEOUT
+    max_batch: int = MAX_BATCH
+    batch_wait: float = BATCH_WAIT
 
 
 class Busy(Exception):
@@ -73,8 +96,9 @@ class Busy(Exception):
 
 
 class Gate:
-    """Admission and the one model: at most ``limits.queue`` requests in at once, computed one at a
-    time, each given up after waiting ``limits.timeout`` seconds; the last minute's latencies."""
+    """Admission and the one model: at most ``limits.queue`` requests in at once; those waiting
+    together computed as one batch (up to ``limits.max_batch`` posters), each given up after
+    waiting ``limits.timeout`` seconds or when its client has gone; the last minute's latencies."""
 
     WINDOW = 60.0
 
@@ -82,6 +106,8 @@ class Gate:
         self.limits = limits
         self.admitted = 0
         self.refused = collections.Counter()  # busy, timed out, disconnected: since the start
+        self.batches: collections.deque[int] = collections.deque(maxlen=1000)  # requests per batch, latest
+        self._pending: list[Job] = []  # admitted, waiting for the model, oldest first
         self._count = threading.Lock()
         self._model = threading.Lock()
         self._latencies: collections.deque[tuple[float, float]] = collections.deque()  # (answered at, seconds)
@@ -103,19 +129,62 @@ class Gate:
             now = time.monotonic()
             self._latencies.append((now, now - started))
 
-    def run(self, compute, started: float, gone=lambda: False):
-        """``compute()`` once the model is free, unless the request has waited past its deadline
-        or ``gone()`` (its client disconnected)."""
-        if not self._model.acquire(timeout=max(0.0, started + self.limits.timeout - time.monotonic())):
-            self.refused["timed out"] += 1
-            raise Busy(f"waited over {self.limits.timeout:g} s for the model (--timeout); retry later", self.retry_after())
+    def run(self, job: Job, compute, gone=lambda: False) -> list[dict]:
+        """``job``'s records, computed with the jobs that wait with it (``compute(jobs)`` fills in
+        their records or errors), unless it has waited past its deadline or ``gone()`` (its client
+        disconnected). Whichever waiting request gets the model computes a batch for all."""
+        with self._count:
+            self._pending.append(job)
+        while not job.done.is_set():
+            self._give_up_if(job, gone)
+            if self._model.acquire(timeout=0.05):
+                try:
+                    if not job.done.is_set():
+                        self._give_up_if(job, gone)  # looked at again: the wait may have ended just now
+                        self._compute_batch(compute)
+                finally:
+                    self._model.release()
+        if job.error is not None:
+            raise job.error
+        return job.records
+
+    def _give_up_if(self, job: Job, gone) -> None:
+        """:class:`Busy` for a job past its deadline or whose client has gone, while it still waits
+        (one already taken into a batch is computed: its answer is moments away)."""
+        timed_out = time.monotonic() > job.started + self.limits.timeout
+        if not (timed_out or gone()):
+            return
+        with self._count:
+            waiting = job in self._pending
+            if waiting:
+                self._pending.remove(job)
+        if waiting:
+            why = "timed out" if timed_out else "disconnected"
+            self.refused[why] += 1
+            raise Busy(f"waited over {self.limits.timeout:g} s for the model (--timeout); retry later"
+                       if timed_out else "the client disconnected before its turn", self.retry_after())
+
+    def _compute_batch(self, compute) -> None:
+        """The oldest waiting job and those after it, up to ``max_batch`` posters (an annotated
+        job goes alone: its drawing is per poster anyway); done is set on each."""
+        time.sleep(self.limits.batch_wait)  # requests arriving together share the forward pass
+        with self._count:
+            batch = [self._pending.pop(0)]
+            if not batch[0].annotate:
+                posters = len(batch[0].paths)
+                while self._pending and not self._pending[0].annotate \
+                        and posters + len(self._pending[0].paths) <= self.limits.max_batch:
+                    posters += len(self._pending[0].paths)
+                    batch.append(self._pending.pop(0))
+        self.batches.append(len(batch))
         try:
-            if gone():
-                self.refused["disconnected"] += 1
-                raise Busy("the client disconnected before its turn", 0)
-            return compute()
+            compute(batch)
+        except Exception as exc:  # noqa: BLE001 - handed to each request's own thread, which raises it
+            for job in batch:
+                job.error = exc
         finally:
-            self._model.release()
+            for job in batch:
+                job.done.set()
 
     def _recent(self) -> list[float]:
         cutoff = time.monotonic() - self.WINDOW
@@ -136,7 +205,9 @@ class Gate:
         def pct(q: float) -> float | None:
             return round(recent[min(len(recent) - 1, int(q * len(recent)))], 3) if recent else None
 
+        batches = list(self.batches)
         return {"admitted": self.admitted, "queue": self.limits.queue, "refused": dict(self.refused),
+                "requests_per_batch": round(sum(batches) / len(batches), 2) if batches else None,
                 "answered_last_minute": len(recent),
                 "latency_s": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99)}}
 
@@ -170,39 +241,48 @@ def check_upload(name: str, data: bytes, limits: Limits) -> "np.ndarray":
         raise UploadError(status_for(str(exc)), f"{name}: {exc}") from None
 
 
-def predict_uploads(predictor: Predictor, uploads: list[tuple[str, bytes]], annotate: bool, limits: Limits,
-                    top_k: int = 3) -> list[dict]:
-    """The API's records for checked uploads: each written under its position into a temporary
-    folder, predicted in one batch, and if ``annotate``, explained and drawn."""
-    from .annotate import annotate as draw
-    from .outputs import PredictionLayout
-
+def prepare_job(uploads: list[tuple[str, bytes]], annotate: bool, limits: Limits, folder: str) -> Job:
+    """Checked uploads (every one decoded, so a bad file fails its request before the model runs),
+    written under their position into ``folder``."""
     if not uploads:
         raise UploadError(400, "no files: send one or more posters as the multipart field 'files'")
     if len(uploads) > limits.max_files:
         raise UploadError(413, f"too many files: {len(uploads)}, at most {limits.max_files} per request")
     pixels = [check_upload(name, data, limits) for name, data in uploads]
-    with tempfile.TemporaryDirectory(prefix="posterfusion-upload-") as folder:
-        paths = []
-        for i, (name, data) in enumerate(uploads):
-            suffix = Path(name).suffix.lower()
-            path = Path(folder) / f"{i}{suffix if suffix in IMAGE_SUFFIXES else '.img'}"
-            path.write_bytes(data)
-            paths.append(str(path))
-        predictions = predictor.predict(paths, batch_size=limits.max_files)
-    records, layout = [], PredictionLayout(predictor.genres, top_k)
-    for (name, _), rgb, prediction in zip(uploads, pixels, predictions):
-        prediction.path = name
-        if prediction.error:  # decoded above, so only a poster the models could not take
-            raise UploadError(422, f"{name}: {prediction.error}")
-        picture = draw(predictor, prediction, rgb) if annotate else None
-        record = layout.record(prediction)
-        if picture is not None:
-            buffer = io.BytesIO()
-            picture.image.save(buffer, format="PNG")
-            record["annotated"] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        records.append(record)
-    return records
+    paths = []
+    for i, (name, data) in enumerate(uploads):
+        suffix = Path(name).suffix.lower()
+        path = Path(folder) / f"{i}{suffix if suffix in IMAGE_SUFFIXES else '.img'}"
+        path.write_bytes(data)
+        paths.append(str(path))
+    return Job([name for name, _ in uploads], pixels, paths, annotate, time.monotonic())
+
+
+def compute_jobs(predictor: Predictor, jobs: list[Job], top_k: int = 3) -> None:
+    """Every job's posters through the models as one batch, then each job's records (drawn where it
+    asks for annotation); a poster the models could not take fails its own job only."""
+    from .annotate import annotate as draw
+    from .outputs import PredictionLayout
+
+    paths = [p for job in jobs for p in job.paths]
+    predictions = iter(predictor.predict(paths, batch_size=max(1, len(paths))))
+    layout = PredictionLayout(predictor.genres, top_k)
+    for job in jobs:
+        mine = [next(predictions) for _ in job.paths]
+        try:
+            job.records = []
+            for name, rgb, prediction in zip(job.names, job.pixels, mine):
+                prediction.path = name
+                if prediction.error:  # decoded before, so only a poster the models could not take
+                    raise UploadError(422, f"{name}: {prediction.error}")
+                record = layout.record(prediction)
+                if job.annotate:
+                    buffer = io.BytesIO()
+                    draw(predictor, prediction, rgb).image.save(buffer, format="PNG")
+                    record["annotated"] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+                job.records.append(record)
+        except UploadError as exc:
+            job.error = exc
 
 
 def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
@@ -265,14 +345,15 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
             if isinstance(value, str):
                 raise UploadError(400, "the field 'files' must hold files, not text")
             uploads.append((value.filename or f"upload {len(uploads) + 1}", await value.read(limits.max_file_bytes + 1)))
-        def compute() -> list[dict]:
-            return predict_uploads(predictor, uploads, annotate, limits)
-
-        def gone() -> bool:
-            return anyio.from_thread.run(request.is_disconnected)
+        def through_the_model() -> list[dict]:
+            with tempfile.TemporaryDirectory(prefix="posterfusion-upload-") as folder:
+                job = prepare_job(uploads, annotate, limits, folder)
+                job.started = started
+                return gate.run(job, lambda jobs: compute_jobs(predictor, jobs),
+                                lambda: anyio.from_thread.run(request.is_disconnected))
 
         try:
-            return {"results": await run_in_threadpool(gate.run, compute, started, gone)}
+            return {"results": await run_in_threadpool(through_the_model)}
         finally:
             await form.close()
 
