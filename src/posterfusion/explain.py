@@ -28,6 +28,8 @@ from .predict import Prediction, Predictor
 
 GRID_ROWS, GRID_COLS = 6, 4
 """Occlusion cells over the poster: about square on a 2:3 poster, 24 CNN passes per poster."""
+OCCLUSION_BATCH = 4
+"""Occluded posters embedded per call: bounds the explanation's memory (fusion serve's peak)."""
 TOP_GENRES = 3
 """Genres explained per poster: the most probable ones."""
 TOP_CONTRIBUTIONS = 5
@@ -133,7 +135,9 @@ def _occlusion(predictor: Predictor, prepared: torch.Tensor, poster: Features) -
     for r in range(GRID_ROWS):
         for c in range(GRID_COLS):
             hidden[r * GRID_COLS + c, :, ys[r]:ys[r + 1], xs[c]:xs[c + 1]] = grey
-    embeddings = backbone.embed(hidden.to(device)).float().cpu().numpy()
+    # A few cells at a time: all 24 at once (x2 views, two networks) held ~2 GB of activations.
+    embeddings = np.concatenate([backbone.embed(hidden[s : s + OCCLUSION_BATCH].to(device)).float().cpu().numpy()
+                                 for s in range(0, len(hidden), OCCLUSION_BATCH)])
     tiled = poster.rows(np.zeros(len(embeddings), np.int64))  # the poster's other groups, once per cell
     return predict_proba(predictor.head, Features(embeddings, tiled.detectors, tiled.text))
 
