@@ -9,10 +9,11 @@ the corrupted records are then ranked by score, and precision@k counts the dropp
 the top k ``probably missing`` findings and the added ones among the top k ``not conveyed``. The
 base rate is what a random pick of a record's unlabelled (labelled) genre finds.
 
-Two other orderings of the same probabilities are printed for comparison: the probability alone
-(1 - p for not conveyed) and the lift over the genre's training frequency (p / base rate). The
-audit's score is the threshold ratio (see posterfusion.audit); ``val`` is where an ordering would
-be chosen, ``test`` what it is worth.
+``fusion audit``'s own findings (its scores and cut-offs, see posterfusion.audit) are ranked
+first; then, over every candidate pair, other orderings of the same probabilities: the threshold
+ratio (p / threshold, both kinds), the probability alone (1 - p for not conveyed) and the lift over
+the genre's training frequency (p / base rate). ``val`` is where an ordering is chosen, ``test``
+what it is worth. Where the audit reports fewer findings than k, its precision is over those.
 
     fusion manifest split ../shared/data/movieposters/labels.csv --val 0.15 --test 0.15 --seed 0 --out split.csv
     fusion train --manifest split.csv --cache CACHE --out model-0    # val: early stopping, thresholds
@@ -79,6 +80,7 @@ def one_corruption(auditor: Auditor, paths: list[str], labels: list[list[str]], 
                    cache: str | None, seed: int) -> dict[tuple[str, str], list[float]]:
     """Precision@k per (finding kind, ordering) for one corruption of the labels."""
     genres = auditor.genres
+    thresholds = auditor.predictor.thresholds
     corrupted, dropped, added = corrupt(labels, genres, frequency, seed)
     audits = [a for batch in auditor.stream(list(zip(paths, corrupted)), cache) for a in batch]
     probs = np.array([[a.probabilities[g] for g in genres] for a in audits])
@@ -91,12 +93,13 @@ def one_corruption(auditor: Auditor, paths: list[str], labels: list[list[str]], 
     for kind, truth, mask, sign in ((MISSING, dropped, ~labelled, 1), (NOT_CONVEYED, added, labelled, -1)):
         by_score = sorted(found[kind], key=lambda pair: -scores[kind][pair])
         orderings = {
-            "fusion audit (threshold ratio)": by_score,
+            "fusion audit": by_score,
+            "threshold ratio, every pair": ranked_pairs(sign * np.log2(np.clip(probs, 1e-6, 1) / thresholds[None]), mask, genres),
             "probability alone": ranked_pairs(sign * probs, mask, genres),
             "lift over base rate": ranked_pairs(sign * np.log(np.clip(probs, 1e-6, 1) / frequency[None]), mask, genres),
         }
         for name, ranked in orderings.items():
-            rows[(kind, name)] = [precision_at(ranked, truth, k) for k in KS] + [len(by_score) if "audit" in name else mask.sum()]
+            rows[(kind, name)] = [precision_at(ranked, truth, k) for k in KS] + [len(ranked)]
         rows[(kind, "random (base rate)")] = [len(truth) / mask.sum()] * len(KS) + [mask.sum()]
     return rows
 

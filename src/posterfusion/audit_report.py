@@ -56,7 +56,7 @@ def _finding_block(audit: PosterAudit, kind: str) -> str:
         why = ", ".join(f'<span class="{"up" if change > 0 else "down"}">{html.escape(name)} {change:+.2f}</span>'
                         for name, change in f.evidence)
         items.append(f'<li><span class="score">{html.escape(f.genre)}: score {f.score:.2f}</span> '
-                     f"(p {f.probability:.2f}, threshold {f.threshold:.2f}){'; moved by ' + why if why else ''}</li>")
+                     f"(p {f.probability:.2f}, threshold {f.threshold:.2f}){'; moved (bits) by ' + why if why else ''}</li>")
     seen = audit.seen
     saw = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(seen.get("objects", {}).items())[:6])
     faces = f"; {seen['faces']} face(s)" + (f" ({seen['expression']})" if seen.get("expression") else "") if "faces" in seen else ""
@@ -86,8 +86,9 @@ def render_audit_report(audits: list[PosterAudit], genres: list[str], title: str
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{AUDIT_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f'<p class="muted">{len(readable)} posters checked, {len(failed)} unreadable. Scores are in halvings '
-        "of the genre's threshold: 1 is half (not conveyed) or twice (probably missing) the threshold.</p>"
+        f'<p class="muted">{len(readable)} posters checked, {len(failed)} unreadable. Scores are in bits: '
+        "a label not conveyed scores the halvings between its probability and its threshold (1: half of it), "
+        "a probably missing genre its log-odds (0: even odds, 1: 2 to 1, 2: 4 to 1).</p>"
         f"{notes}<h2>Per genre</h2>{_summary(summary_by_genre(audits, genres))}{''.join(sections)}"
         + (f'<h2 id="unreadable">Unreadable posters</h2><ul>{failures}</ul>' if failed else "")
         + "</body></html>\n"

@@ -142,6 +142,11 @@ def _occlusion(predictor: Predictor, prepared: torch.Tensor, poster: Features) -
     return predict_proba(predictor.head, Features(embeddings, tiled.detectors, tiled.text))
 
 
+def _bits(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log2(p / (1 - p))
+
+
 def _training_mean(norm) -> np.ndarray:
     """The raw feature values a head's :class:`~posterfusion.model.Standardizer` maps to zero."""
     mean = norm.mean.cpu().numpy()
@@ -149,12 +154,14 @@ def _training_mean(norm) -> np.ndarray:
 
 
 def contributions(predictor: Predictor, poster: Features, read: str | None, genres: list[str],
-                  top: int = TOP_CONTRIBUTIONS) -> dict[str, list[tuple[str, float]]]:
+                  top: int = TOP_CONTRIBUTIONS, log_odds: bool = False) -> dict[str, list[tuple[str, float]]]:
     """Per genre, the ``top`` feature groups whose own values moved its probability most, with the
     change (positive: the poster's value pushed the genre up). Works from one poster's feature rows
     alone, so cached posters are explained without decoding them again.
     ``read``: the text OCR read, for the word model's part (the final probability with it against
-    with none read); None leaves the words out."""
+    with none read); None leaves the words out. ``log_odds``: changes in bits of log-odds instead of
+    probability, which still tell apart what moved a genre the model is nearly sure of (or nearly
+    sure is not there), where probabilities barely move."""
     head = predictor.head.heads[0]  # every head of an ensemble is standardised on the same rows
     columns = [predictor.genres.index(g) for g in genres]
     names, variants = [""], [poster]  # the poster as it is, then with one group at its training mean
@@ -171,11 +178,12 @@ def contributions(predictor: Predictor, poster: Features, read: str | None, genr
     if poster.cnn is not None and head.use_cnn:
         names.append("picture (CNN)")
         variants.append(replace(poster, cnn=predictor.head.cnn_training_mean()[None]))
+    scale = _bits if log_odds else (lambda p: p)
     probabilities = predict_proba(predictor.head, Features.join(variants))
-    changes = probabilities[0, columns][None, :] - probabilities[1:, columns]
+    changes = scale(probabilities[0, columns][None, :]) - scale(probabilities[1:, columns])
     names = names[1:]
     if predictor.words is not None and read is not None:
-        with_words, blank = (predictor.words.mix(probabilities[:1], [d])[0, columns] for d in (read, ""))
+        with_words, blank = (scale(predictor.words.mix(probabilities[:1], [d])[0, columns]) for d in (read, ""))
         changes = np.concatenate([changes, (with_words - blank)[None]])
         names.append("words read")
     out = {}
