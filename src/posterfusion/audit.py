@@ -57,7 +57,7 @@ class Finding:
     score: float
     probability: float
     threshold: float
-    evidence: list[tuple[str, float]] = field(default_factory=list)  # (feature group, change to the probability)
+    evidence: list[tuple[str, float]] = field(default_factory=list)  # (feature group, change in bits of log-odds)
 
 
 @dataclass
@@ -84,9 +84,11 @@ def finding_scores(probabilities: np.ndarray, labelled: np.ndarray, thresholds: 
     return np.where(labelled, np.log2(np.asarray(thresholds, np.float64)[None, :] / p), np.log2(p / (1 - p)))
 
 
-def findings_mask(probabilities: np.ndarray, labelled: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Which (poster, genre) pairs are findings (see :data:`MIN_SCORE`)."""
-    scores = finding_scores(probabilities, labelled, thresholds)
+def findings_mask(probabilities: np.ndarray, labelled: np.ndarray, thresholds: np.ndarray,
+                  scores: np.ndarray | None = None) -> np.ndarray:
+    """Which (poster, genre) pairs are findings (see :data:`MIN_SCORE`); ``scores``: their
+    :func:`finding_scores`, where the caller has them already."""
+    scores = finding_scores(probabilities, labelled, thresholds) if scores is None else scores
     above = np.asarray(probabilities) >= np.asarray(thresholds)[None, :]
     return np.where(labelled, scores >= MIN_SCORE[NOT_CONVEYED], (scores >= MIN_SCORE[MISSING]) & above)
 
@@ -116,21 +118,27 @@ class Auditor:
             predictions = self.predictor.predictions(table)
             audits = [PosterAudit(p.path, self.known(records[table.start + k][1]), p.genres, p.probabilities,
                                   seen=p.evidence, error=p.error) for k, p in enumerate(predictions)]
-            for r, position in enumerate(table.rows):
+            checked = [audits[position - table.start] for position in table.rows]
+            if not checked:
+                yield audits
+                continue
+            thresholds = self.predictor.thresholds
+            probabilities = np.array([[a.probabilities[g] for g in self.genres] for a in checked])
+            labelled = np.array([np.isin(self.genres, a.labelled) for a in checked])
+            scores = finding_scores(probabilities, labelled, thresholds)
+            found = findings_mask(probabilities, labelled, thresholds, scores)
+            for r in np.flatnonzero(found.any(1)):
                 read = table.text_read[r] if table.text_read is not None else None
-                self._find(audits[position - table.start], table.features.rows(slice(r, r + 1)), read)
+                self._find(checked[r], table.features.rows(slice(r, r + 1)), read, np.flatnonzero(found[r]),
+                           probabilities[r], labelled[r], scores[r])
             yield audits
 
-    def _find(self, audit: PosterAudit, features: Features, read: str | None) -> None:
-        """The poster's findings, highest score first, each with the groups that moved its genre."""
-        probabilities = np.array([audit.probabilities[g] for g in self.genres])
-        labelled = np.isin(self.genres, audit.labelled)
-        scores = finding_scores(probabilities[None], labelled[None], self.predictor.thresholds)[0]
-        found = np.flatnonzero(findings_mask(probabilities[None], labelled[None], self.predictor.thresholds)[0])
-        if not len(found):
-            return
-        genres = [self.genres[i] for i in found]
-        why = contributions(self.predictor, features, read, genres, top=EVIDENCE, log_odds=True)
+    def _find(self, audit: PosterAudit, features: Features, read: str | None, found: np.ndarray,
+              probabilities: np.ndarray, labelled: np.ndarray, scores: np.ndarray) -> None:
+        """The poster's findings (genres ``found``), highest score first, each with the groups that
+        moved its genre."""
+        why = contributions(self.predictor, features, read, [self.genres[i] for i in found], top=EVIDENCE,
+                            log_odds=True)
         audit.findings = sorted(
             (Finding(NOT_CONVEYED if labelled[i] else MISSING, self.genres[i], round(float(scores[i]), 4),
                      round(float(probabilities[i]), 4), round(float(self.predictor.thresholds[i]), 4),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .audit import KINDS, MISSING, NOT_CONVEYED, PosterAudit
 from .files import write_text_atomic
+from .predict import evidence_lines
 from .report import STYLE, thumbnail
 
 AUDIT_STYLE = STYLE + """
@@ -57,14 +58,11 @@ def _finding_block(audit: PosterAudit, kind: str) -> str:
                         for name, change in f.evidence)
         items.append(f'<li><span class="score">{html.escape(f.genre)}: score {f.score:.2f}</span> '
                      f"(p {f.probability:.2f}, threshold {f.threshold:.2f}){'; moved (bits) by ' + why if why else ''}</li>")
-    seen = audit.seen
-    saw = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(seen.get("objects", {}).items())[:6])
-    faces = f"; {seen['faces']} face(s)" + (f" ({seen['expression']})" if seen.get("expression") else "") if "faces" in seen else ""
-    read = f'<br>read: {html.escape(seen["read"] or "(no text)")}' if "read" in seen else ""
+    seen = "<br>".join(html.escape(line) for line in evidence_lines(audit.seen))
     return (f'<div class="finding" data-kind="{kind}">{picture}<div><b>{html.escape(audit.path)}</b><br>'
             f"labelled: {html.escape(' | '.join(audit.labelled) or 'none the model knows')}<br>"
             f"the poster says: {html.escape(' | '.join(audit.predicted))}<ul>{''.join(items)}</ul>"
-            f'<span class="muted">saw: {html.escape(saw or "no objects")}{html.escape(faces)}{read}</span></div></div>')
+            f'<span class="muted">{seen}</span></div></div>')
 
 
 def render_audit_report(audits: list[PosterAudit], genres: list[str], title: str, top: int,

@@ -194,8 +194,8 @@ def train_command(
         typer.echo(f"no word model: {words['why']}")
 
 
-class _PredictReport:
-    """``fusion predict``'s stderr: the progress bar where there is one, and each unreadable
+class _FailureReport:
+    """``fusion predict``'s and ``fusion audit``'s stderr: the progress bar where there is one, and each unreadable
     poster's one-line report, printed above the bar so neither garbles the other."""
 
     def __init__(self, bar: _RichProgress | None) -> None:
@@ -287,7 +287,7 @@ def predict_command(
     try:
         with contextlib.ExitStack() as stack:
             bar = stack.enter_context(_RichProgress(total, "predict")) if show_progress else None
-            report = _PredictReport(bar)
+            report = _FailureReport(bar)
             stack.callback(sink.close)
             for batch in predictor.stream(todo, cache, batch_size, report):
                 if annotations is not None:
@@ -341,8 +341,11 @@ def audit_command(
         typer.echo(f"{manifest}: genres the model does not know, left out: "
                    + ", ".join(f"{g} ({n} posters)" for g, n in unknown.items()), err=True)
     layout = AuditLayout(auditor.genres)
-    sink = open_results(out, layout) if out is not None else Printed("text", layout)
-    done = getattr(sink, "done", set())
+    if out is not None:
+        sink = open_results(out, layout)
+        done = sink.done
+    else:
+        sink, done = Printed("text", layout), set()
     todo = [r for r in records if r[0] not in done]
     if show_progress is None:
         show_progress = sys.stderr.isatty()
@@ -350,7 +353,7 @@ def audit_command(
     counts = collections.Counter()
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_RichProgress(len(todo), "audit")) if show_progress else None
-        failures = _PredictReport(bar)
+        failures = _FailureReport(bar)
         stack.callback(sink.close)
         for batch in auditor.stream(todo, cache, batch_size, failures):
             sink.write(batch)

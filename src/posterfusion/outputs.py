@@ -30,7 +30,7 @@ from typing import Protocol, TextIO
 
 from .errors import PosterFusionError
 from .files import atomic_path, remove_stale_temps
-from .predict import Prediction
+from .predict import Prediction, evidence_lines
 
 FORMATS = (".csv", ".jsonl", ".parquet")
 
@@ -91,15 +91,7 @@ class PredictionLayout:
         if p.error:
             return []  # its one-line report goes to stderr
         top = ", ".join(f"{g} {prob:.2f}" for g, prob in p.top(self.top_k))
-        lines = [f"{p.path}: {' | '.join(p.genres)}   [{top}]"]
-        if "objects" in p.evidence:
-            objs = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(p.evidence["objects"].items())[:6]) or "no objects"
-            faces = p.evidence["faces"]
-            expr = f" ({p.evidence['expression']})" if faces else ""
-            lines.append(f"    saw: {objs}; {faces} face{'s' if faces != 1 else ''}{expr}")
-        if "read" in p.evidence:
-            lines.append(f"    read: {p.evidence['read'] or '(no text)'}")
-        return lines
+        return [f"{p.path}: {' | '.join(p.genres)}   [{top}]", *(f"    {line}" for line in evidence_lines(p.evidence))]
 
 
 def _csv_text(rows: list[list[str]]) -> str:

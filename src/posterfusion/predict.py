@@ -155,6 +155,20 @@ def _short(identity: dict) -> str:
 _COL = {name: i for i, name in enumerate(schema.COLUMNS)}
 
 
+def evidence_lines(evidence: dict) -> list[str]:
+    """What the detectors saw and OCR read, in words ("saw: person x2; 1 face (sad)", "read: ..."):
+    the terminal's lines, and the audit report's."""
+    lines = []
+    if "objects" in evidence:
+        objs = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in list(evidence["objects"].items())[:6]) or "no objects"
+        faces = evidence["faces"]
+        expr = f" ({evidence['expression']})" if faces else ""
+        lines.append(f"saw: {objs}; {faces} face{'s' if faces != 1 else ''}{expr}")
+    if "read" in evidence:
+        lines.append(f"read: {evidence['read'] or '(no text)'}")
+    return lines
+
+
 def evidence_from_features(row: np.ndarray) -> dict:
     """What the detectors saw, read back from the feature vector (so cached posters explain too)."""
     objects = {}

@@ -71,7 +71,6 @@ class Job:
     started: float
     records: list[dict] | None = None
     error: Exception | None = None
-    cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -108,13 +107,13 @@ class Gate:
         self.refused = collections.Counter()  # busy, timed out, disconnected: since the start
         self.batches: collections.deque[int] = collections.deque(maxlen=1000)  # requests per batch, latest
         self._pending: list[Job] = []  # admitted, waiting for the model, oldest first
-        self._count = threading.Lock()
+        self._state = threading.Lock()  # admitted, pending, latencies
         self._model = threading.Lock()
         self._latencies: collections.deque[tuple[float, float]] = collections.deque()  # (answered at, seconds)
 
     def admit(self) -> None:
         """Take a place in the queue, or :class:`Busy` when there is none."""
-        with self._count:
+        with self._state:
             full = self.admitted >= self.limits.queue
             if not full:
                 self.admitted += 1
@@ -124,7 +123,7 @@ class Gate:
                        "retry later", self.retry_after())
 
     def leave(self, started: float) -> None:
-        with self._count:
+        with self._state:
             self.admitted -= 1
             now = time.monotonic()
             self._latencies.append((now, now - started))
@@ -133,7 +132,7 @@ class Gate:
         """``job``'s records, computed with the jobs that wait with it (``compute(jobs)`` fills in
         their records or errors), unless it has waited past its deadline or ``gone()`` (its client
         disconnected). Whichever waiting request gets the model computes a batch for all."""
-        with self._count:
+        with self._state:
             self._pending.append(job)
         while not job.done.is_set():
             self._give_up_if(job, gone)
@@ -154,7 +153,7 @@ class Gate:
         timed_out = time.monotonic() > job.started + self.limits.timeout
         if not (timed_out or gone()):
             return
-        with self._count:
+        with self._state:
             waiting = job in self._pending
             if waiting:
                 self._pending.remove(job)
@@ -168,7 +167,7 @@ class Gate:
         """The oldest waiting job and those after it, up to ``max_batch`` posters (an annotated
         job goes alone: its drawing is per poster anyway); done is set on each."""
         time.sleep(self.limits.batch_wait)  # requests arriving together share the forward pass
-        with self._count:
+        with self._state:
             batch = [self._pending.pop(0)]
             if not batch[0].annotate:
                 posters = len(batch[0].paths)
@@ -188,7 +187,7 @@ class Gate:
 
     def _recent(self) -> list[float]:
         cutoff = time.monotonic() - self.WINDOW
-        with self._count:
+        with self._state:
             while self._latencies and self._latencies[0][0] < cutoff:
                 self._latencies.popleft()
             return sorted(seconds for _, seconds in self._latencies)
@@ -241,9 +240,10 @@ def check_upload(name: str, data: bytes, limits: Limits) -> "np.ndarray":
         raise UploadError(status_for(str(exc)), f"{name}: {exc}") from None
 
 
-def prepare_job(uploads: list[tuple[str, bytes]], annotate: bool, limits: Limits, folder: str) -> Job:
+def prepare_job(uploads: list[tuple[str, bytes]], annotate: bool, limits: Limits, folder: str, started: float) -> Job:
     """Checked uploads (every one decoded, so a bad file fails its request before the model runs),
-    written under their position into ``folder``."""
+    written under their position into ``folder``; ``started``: when the request came (its deadline
+    counts from there)."""
     if not uploads:
         raise UploadError(400, "no files: send one or more posters as the multipart field 'files'")
     if len(uploads) > limits.max_files:
@@ -255,7 +255,7 @@ def prepare_job(uploads: list[tuple[str, bytes]], annotate: bool, limits: Limits
         path = Path(folder) / f"{i}{suffix if suffix in IMAGE_SUFFIXES else '.img'}"
         path.write_bytes(data)
         paths.append(str(path))
-    return Job([name for name, _ in uploads], pixels, paths, annotate, time.monotonic())
+    return Job([name for name, _ in uploads], pixels, paths, annotate, started)
 
 
 def compute_jobs(predictor: Predictor, jobs: list[Job], top_k: int = 3) -> None:
@@ -345,10 +345,10 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> "FastAPI":
             if isinstance(value, str):
                 raise UploadError(400, "the field 'files' must hold files, not text")
             uploads.append((value.filename or f"upload {len(uploads) + 1}", await value.read(limits.max_file_bytes + 1)))
+
         def through_the_model() -> list[dict]:
             with tempfile.TemporaryDirectory(prefix="posterfusion-upload-") as folder:
-                job = prepare_job(uploads, annotate, limits, folder)
-                job.started = started
+                job = prepare_job(uploads, annotate, limits, folder, started)
                 return gate.run(job, lambda jobs: compute_jobs(predictor, jobs),
                                 lambda: anyio.from_thread.run(request.is_disconnected))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -222,7 +222,7 @@ def _train(manifest_path: str | Path, cache_dir: str | Path, config: dict, out_d
         if tuned is None:  # a torchrun rank other than 0: its part is done
             return None
         cnn, backbone_identity, finetuned = tuned
-        features = Features(cnn, features.detectors, features.text)
+        features = replace(features, cnn=cnn)
         keep = ~np.isnan(cnn).any(1)  # posters unreadable since they were cached
         train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
     head, fit, thresholds, validation = fit_and_validate(features, y, train_idx, val_idx, genres, config,
