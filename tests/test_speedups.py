@@ -215,6 +215,27 @@ def test_side_by_side_stages_equal_models_in_turn(reference: dict) -> None:
     assert {"objects", "faces", "backbone"} <= set(side_by_side.timings)
 
 
+def test_ocr_shared_by_both_threads_reads_as_one_thread(reference: dict) -> None:
+    """With OCR, the helper thread reads text while the calling thread runs the other models and
+    then joins it: every poster's text, and every other feature, as with every model in turn."""
+    paths = reference["paths"][:10]
+    in_turn = FrozenModels("nanodet", "efficientnet_lite0", "cpu", text=True, concurrent=False)
+    side_by_side = FrozenModels("nanodet", "efficientnet_lite0", "cpu", text=True, concurrent=True)
+    assert side_by_side.text_apart and not in_turn.text_apart
+    read = []
+    for models in (in_turn, side_by_side):
+        stores = open_stores(models, None)
+        summary = build_cache(paths, stores, models, batch_size=5, workers=0)
+        keys = summary.keys
+        read.append({name: stores[name].read(keys)[1] for name in ("detectors", "backbone", "text")}
+                    | {"notes": stores["text"].notes(keys)})
+    assert read[1]["notes"] == read[0]["notes"] and any(read[0]["notes"].values())
+    np.testing.assert_array_equal(read[1]["text"], read[0]["text"])
+    np.testing.assert_allclose(read[1]["detectors"], read[0]["detectors"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(read[1]["backbone"], read[0]["backbone"], rtol=0, atol=ATOL)
+    assert side_by_side.timings.get("text (helper thread)", 0) > 0
+
+
 def test_nanodet_top_nms_equals_full_nms_on_both_paths(reference: dict, torch_models: FrozenModels) -> None:
     from posterfusion.detectors._ops import nms
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
@@ -37,6 +38,7 @@ class Extracted:
     text_items: list[Item] = field(default_factory=list)
     text_features: np.ndarray | None = None
     text_lines: list = field(default_factory=list)  # per text item, the Lines read
+    text_rows: list = field(default_factory=list)  # per text item, its text features
 
     @property
     def prepared(self) -> list[dict[str, Any]]:
@@ -47,6 +49,21 @@ class Extracted:
     def notes(self) -> list[str]:
         """Per text item, the lines read, " / "-joined (kept in the text store, shown as evidence)."""
         return [" / ".join(line.text for line in lines) for lines in self.text_lines]
+
+
+class Unread:
+    """A batch's text items that no thread has taken yet: the two threads share a batch's OCR."""
+
+    def __init__(self, n: int) -> None:
+        self._next, self._n, self._lock = 0, n, threading.Lock()
+
+    def take(self) -> int | None:
+        """The index of an item to read, or None when every item is taken."""
+        with self._lock:
+            if self._next >= self._n:
+                return None
+            self._next += 1
+            return self._next - 1
 
 
 class FrozenModels:
@@ -60,8 +77,11 @@ class FrozenModels:
     not change: each model sees the same batches, and its results do not depend on its thread
     count (tests/test_speedups.py). ``concurrent=False`` runs them in turn on all cores.
 
-    The text detector (``text=True``, OCR: ~3x the other models' cost together) runs in the PyTorch
-    stage, which is the lighter one without it.
+    With the text detector (``text=True``: OCR, about as costly as all the other models together)
+    the helper thread reads text instead, and the calling thread runs every other model and then
+    joins it on the batch's posters left unread: a poster's OCR is one thread's work, so a lone
+    poster costs max(OCR, the rest) instead of OCR + faces + the mirror image, and a run of OCR
+    alone (training's reading of text) uses both cores.
     """
 
     def __init__(self, objects: str | None = "nanodet", backbone: str | None = DEFAULT_BACKBONE,
@@ -81,15 +101,17 @@ class FrozenModels:
         self.backbone = create_backbone(backbone, weights=backbone_weights, lazy=ort, view=backbone_view).to(self.device) if backbone else None
         if self.backbone is not None and ort:
             self.backbone.use_onnxruntime(ort_threads)  # frozen here: the faster CPU runtime, same numbers
+        self.text = self._helper_text = None
         if text:
             from .detectors.text import TextReader
 
             self.text = TextReader(self.torch_threads)
-        else:
-            self.text = None
-        # A flipping view's mirror image runs in the PyTorch stage: with both images the
-        # onnxruntime stage (NanoDet + backbone) was the slower one by ~40 % (bench/run.py).
-        self.split_views = self.concurrent and self.backbone is not None and self.backbone.flip
+            if concurrent:  # the helper thread's own reader (the same networks and settings)
+                self._helper_text = TextReader(ort_threads)
+        self.text_apart = self._helper_text is not None
+        # Without OCR, a flipping view's mirror image runs in the PyTorch stage: with both images
+        # the onnxruntime stage (NanoDet + backbone) was the slower one by ~40 % (bench/run.py).
+        self.split_views = self.concurrent and not self.text_apart and self.backbone is not None and self.backbone.flip
         self.timings: dict[str, float] = {}
         self.model_batch = model_batch_size(self.device)
         self._helper = None
@@ -109,59 +131,70 @@ class FrozenModels:
                 out = _split(items)
                 objects = self._objects_and_embeddings(out)
                 faces = self._faces(out)
-                self._read_text(out)
+                self._read_text(out, Unread(len(out.text_items)))
                 yield tag, self._finish(out, objects, faces)
             return
         if self._helper is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="posterfusion-models")
-        stage = torch.inference_mode()(self._objects_and_embeddings)
+        stage = torch.inference_mode()(self._helper_stage)
         ahead: collections.deque = collections.deque()
         try:
             for tag, items in batches:
                 out = _split(items)
-                ahead.append((tag, out, self._helper.submit(stage, out)))
+                unread = Unread(len(out.text_items))
+                ahead.append((tag, out, unread, self._helper.submit(stage, out, unread)))
                 if len(ahead) > 1:
                     yield self._finish_side_by_side(*ahead.popleft())
             while ahead:
                 yield self._finish_side_by_side(*ahead.popleft())
         finally:
-            for _, _, pending in ahead:  # a consumer that stopped early: let the helper go idle
+            for *_, pending in ahead:  # a consumer that stopped early: let the helper go idle
                 pending.cancel()
 
-    def _finish_side_by_side(self, tag: T, out: Extracted, pending) -> tuple[T, Extracted]:
-        """The PyTorch stage for a batch whose onnxruntime stage is already queued."""
+    def _helper_stage(self, out: Extracted, unread: Unread) -> list:
+        """The helper thread's share of a batch: its text where OCR runs, else the onnxruntime
+        models (whose object detections it returns)."""
+        if self.text_apart:
+            self._read_text(out, unread, self._helper_text)
+            return []
+        return self._objects_and_embeddings(out)
+
+    def _finish_side_by_side(self, tag: T, out: Extracted, unread: Unread, pending) -> tuple[T, Extracted]:
+        """The calling thread's share of a batch whose helper share is already queued."""
         with torch_threads(self.torch_threads):
             try:
+                objects = self._objects_and_embeddings(out) if self.text_apart else None
                 faces = self._faces(out)
-                self._read_text(out)
+                self._read_text(out, unread)  # with OCR apart: the text items the helper has not taken
                 mirrored = self._embed(out, mirrored=True) if self.split_views and out.backbone_items else None
             finally:
-                objects = pending.result()
+                helped = pending.result()
         if mirrored is not None:
             out.embeddings = (out.embeddings + mirrored) / 2
-        return tag, self._finish(out, objects, faces)
+        return tag, self._finish(out, helped if objects is None else objects, faces)
 
     def _faces(self, out: Extracted) -> list:
         """The PyTorch stage: faces and their expressions."""
         return self.detectors.detect_faces(out.prepared, self.timings) if out.detector_items else []
 
-    def _read_text(self, out: Extracted) -> None:
-        """Text lines and their features (into ``out``), in the PyTorch stage's thread."""
+    def _read_text(self, out: Extracted, unread: Unread, reader=None) -> None:
+        """Text lines and their features (into ``out``) of the batch's ``unread`` text items, read
+        by ``reader`` (default: the calling thread's) until no item is left."""
         if self.text is None or not out.text_items:
             return
         from .detectors import schema
 
-        with timed(self.timings, "text"):
-            rows = []
-            for item in out.text_items:
-                lines, detected, area = self.text.read(item.text_input)
-                out.text_lines.append(lines)
-                rows.append(schema.text_features(lines, detected, area))
-            out.text_features = np.stack(rows)
+        reader = reader or self.text
+        with timed(self.timings, "text" if reader is self.text else "text (helper thread)"):
+            while (i := unread.take()) is not None:
+                lines, detected, area = reader.read(out.text_items[i].text_input)
+                out.text_lines[i], out.text_rows[i] = lines, schema.text_features(lines, detected, area)
 
     def _finish(self, out: Extracted, objects: list, faces: list) -> Extracted:
+        if out.text_items:
+            out.text_features = np.stack(out.text_rows)
         if out.detector_items:
             out.features, out.evidence = self.detectors.assemble(out.prepared, objects, faces)
         return out
@@ -188,9 +221,10 @@ class FrozenModels:
 
 def _split(items: list[Item]) -> Extracted:
     """An empty :class:`Extracted` naming which items each stage has to do."""
+    text_items = [i for i in items if i.text_input is not None]
     return Extracted(detector_items=[i for i in items if i.detector_input is not None],
                      backbone_items=[i for i in items if i.backbone_input is not None],
-                     text_items=[i for i in items if i.text_input is not None])
+                     text_items=text_items, text_lines=[None] * len(text_items), text_rows=[None] * len(text_items))
 
 
 def create_frozen_models(**spec: Any) -> FrozenModels:

@@ -60,7 +60,8 @@ class TextReader:
         models = Path(rapidocr_onnxruntime.__file__).parent / "models"
         threads = max(1, threads or 1)
         self.engine = RapidOCR(use_cls=False, det_limit_side_len=DETECT_SIDE, det_limit_type="min",
-                               text_score=MIN_SCORE, intra_op_num_threads=threads, inter_op_num_threads=1)
+                               text_score=MIN_SCORE, intra_op_num_threads=threads,
+                               inter_op_num_threads=1)
         self.identity = {
             "name": "pp-ocrv4",
             "package": f"rapidocr_onnxruntime {getattr(rapidocr_onnxruntime, '__version__', '1.4.4')}",
@@ -73,11 +74,21 @@ class TextReader:
 
     def read(self, bgr: np.ndarray) -> tuple[list[Line], int, float]:
         """The poster's largest lines (top to bottom), how many lines were detected, and their total area."""
-        h, w = bgr.shape[:2]
+        return self.recognize(bgr, self.detect(bgr))
+
+    def detect(self, bgr: np.ndarray) -> np.ndarray:
+        """Where the text lies: (n, 4, 2) corner points in pixels (OCR's first half, timed apart by
+        bench/speed.py)."""
         boxes, _ = self.engine.text_det(bgr)
         if boxes is None or not len(boxes):
+            return np.zeros((0, 4, 2), np.float32)
+        return np.asarray(boxes, np.float32)
+
+    def recognize(self, bgr: np.ndarray, quads: np.ndarray) -> tuple[list[Line], int, float]:
+        """The largest of the detected lines read (:meth:`read`'s result)."""
+        if not len(quads):
             return [], 0, 0.0
-        quads = np.asarray(boxes, np.float32)  # (n, 4, 2) corner points in pixels
+        h, w = bgr.shape[:2]
         x1, y1 = quads[..., 0].min(1) / w, quads[..., 1].min(1) / h
         x2, y2 = quads[..., 0].max(1) / w, quads[..., 1].max(1) / h
         area = np.clip(x2 - x1, 0, 1) * np.clip(y2 - y1, 0, 1)
