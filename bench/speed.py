@@ -159,15 +159,15 @@ def stage_table(profile: dict[str, dict[str, float]]) -> str:
 # End to end, one tree in its own process
 
 
-def measure(paths: list[str], single: list[str], build: list[str]) -> dict[str, float]:
-    """The tree on PYTHONPATH: warm predicts, a list predict, two builds."""
+def measure(paths: list[str], single: list[str], build: list[str], model: Path) -> dict[str, float]:
+    """The tree on PYTHONPATH with its shipped ``model``: warm predicts, a list predict, two builds."""
     from posterfusion.extract import build_cache, open_stores
     from posterfusion.frozen import create_frozen_models
     from posterfusion.predict import Predictor
 
     out: dict[str, float] = {}
     for words in (True, False):
-        predictor = Predictor(words=words)
+        predictor = Predictor(model, words=words)
         predictor.predict(single[:2])  # warm-up
         ms = [clock(lambda: predictor.predict([p]))[0] for p in single]
         out["warm_ms" if words else "warm_no_words_ms"] = statistics.median(ms)
@@ -176,7 +176,7 @@ def measure(paths: list[str], single: list[str], build: list[str]) -> dict[str, 
             out["list_posters_per_s"] = len(paths) / (ms / 1000)
         del predictor
     for text in (False, True):
-        config = Predictor(words=True).card.config
+        config = Predictor(model, words=True).card.config
         models = create_frozen_models(objects=config["objects"], backbone=config["backbone"],
                                       backbone_view=config["backbone_view"], device="cpu", text=text)
         with tempfile.TemporaryDirectory() as cache:
@@ -191,7 +191,7 @@ def run_tree(src: Path, args: argparse.Namespace) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
         env = os.environ | {"PYTHONPATH": str(src)}
         cmd = [sys.executable, __file__, "--measure", result.name, "--manifest", str(args.manifest),
-               "--posters", str(args.posters)]
+               "--posters", str(args.posters), "--model", str(src.parent / "weights" / "default_model")]
         subprocess.run(cmd, env=env, check=True, cwd=src.parent)
         return json.loads(Path(result.name).read_text())
 
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--no-stages", action="store_true", help="skip the stage table")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child mode: write measure()'s JSON here
+    parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)  # child mode: the tree's shipped model
     args = parser.parse_args()
 
     paths = spread(args.manifest, args.posters)
@@ -241,7 +242,7 @@ def main() -> None:
         assert here.is_relative_to(Path(os.environ["PYTHONPATH"]).resolve()), f"measuring {here}, not PYTHONPATH's tree"
         single = spread(args.manifest, 14, offset=7)
         build = spread(args.manifest, args.posters, offset=3)
-        Path(args.measure).write_text(json.dumps(measure(paths, single, build)))
+        Path(args.measure).write_text(json.dumps(measure(paths, single, build, args.model)))
         return
     report: dict = {"posters": args.posters, "cpu": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     if not args.no_stages:

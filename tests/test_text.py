@@ -126,3 +126,25 @@ def test_text_branch_learns_from_words() -> None:
     assert head.use_text and not head.use_cnn and not head.use_detectors
     prob = predict_proba(head, Features(text=text[val]))
     assert metrics.mean_average_precision(y[val], prob) > 0.8  # the genres' frequency alone: ~0.3
+
+
+@pytest.mark.slow
+def test_a_model_whose_text_was_read_otherwise_is_refused(tmp_path: Path) -> None:
+    """Text read under other OCR settings (here rapidocr's own 6 lines a call, padded to the widest,
+    before each line was read alone) is other text: a model trained on it is refused, in one line."""
+    import json
+    import shutil
+
+    from posterfusion.errors import PosterFusionError
+    from posterfusion.predict import Predictor, default_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    card = json.loads((model / "card.json").read_text())
+    assert card["text"]["rec_batch"] == 1
+    del card["text"]["rec_batch"]
+    (model / "card.json").write_text(json.dumps(card))
+    with pytest.raises(PosterFusionError, match="other settings") as refused:
+        Predictor(model, device="cpu")
+    assert str(model) in str(refused.value) and "\n" not in str(refused.value)
+    Predictor(model, device="cpu", words=False)  # the head alone reads no text

@@ -2,7 +2,7 @@
 
 Titles, taglines and credits are genre signal that a 224-px CNN barely reads. The wheel ships
 PP-OCRv4's text detection and recognition networks as ONNX files (Apache-2.0) and runs them on
-onnxruntime, so nothing is downloaded. Recognition costs ~30 ms per line on one core, so at most
+onnxruntime, so nothing is downloaded. Recognition costs ~25 ms per line on one core, so at most
 the :data:`MAX_LINES` largest lines are read (the title is nearly always among them; fewer than 5%
 of posters have more); the angle classifier is not used (posters are upright); detection runs
 with the shorter side at :data:`DETECT_SIDE` pixels.
@@ -23,6 +23,11 @@ MAX_LINES = 10
 """Reading the 10 largest lines instead of the 5 largest (the stars' names and taglines beside the
 title) raised the word model's test-split mAP by +0.006 for ~20% more OCR time."""
 MIN_SCORE = 0.5  # recognition confidence below which a line is dropped (rapidocr's default)
+REC_BATCH = 1
+"""Lines recognised per call. rapidocr's default, 6, pads a call's lines to the widest one's
+width: reading each line alone at its own width took recognition from 212 to 149 ms a poster (one
+core, 150 shared posters, 5.3 lines each) and found more of the titles' words (0.379 of them
+against 0.360); 34 % of the posters read differently somewhere (bench/ocr_batch.py)."""
 MAX_INPUT_SIDE = 1024  # larger posters are shrunk in the worker: detection sees DETECT_SIDE anyway
 
 
@@ -60,7 +65,7 @@ class TextReader:
         models = Path(rapidocr_onnxruntime.__file__).parent / "models"
         threads = max(1, threads or 1)
         self.engine = RapidOCR(use_cls=False, det_limit_side_len=DETECT_SIDE, det_limit_type="min",
-                               text_score=MIN_SCORE, intra_op_num_threads=threads,
+                               text_score=MIN_SCORE, rec_batch_num=REC_BATCH, intra_op_num_threads=threads,
                                inter_op_num_threads=1)
         self.identity = {
             "name": "pp-ocrv4",
@@ -71,6 +76,8 @@ class TextReader:
             "max_lines": MAX_LINES,
             "min_score": MIN_SCORE,
         }
+        if REC_BATCH != 6:  # rapidocr's default, under which the earlier text stores were read
+            self.identity["rec_batch"] = REC_BATCH
 
     def read(self, bgr: np.ndarray) -> tuple[list[Line], int, float]:
         """The poster's largest lines (top to bottom), how many lines were detected, and their total area."""
