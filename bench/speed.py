@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _build import peak_rss_mb  # bench/ is the script's folder, first on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MANIFEST = REPO.parent / "shared" / "data" / "movieposters" / "labels.csv"
 BUILD_BATCH = 32
@@ -50,13 +52,6 @@ def clock(fn) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
     return (time.perf_counter() - start) * 1000, result
-
-
-def peak_rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ------------------------------------------------------------------------------------------------

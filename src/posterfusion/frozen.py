@@ -108,13 +108,17 @@ class FrozenModels:
             self.text = TextReader(self.torch_threads)
             if concurrent:  # the helper thread's own reader (the same networks and settings)
                 self._helper_text = TextReader(ort_threads)
-        self.text_apart = self._helper_text is not None
         # Without OCR, a flipping view's mirror image runs in the PyTorch stage: with both images
         # the onnxruntime stage (NanoDet + backbone) was the slower one by ~40 % (bench/run.py).
         self.split_views = self.concurrent and not self.text_apart and self.backbone is not None and self.backbone.flip
         self.timings: dict[str, float] = {}
         self.model_batch = model_batch_size(self.device)
         self._helper = None
+
+    @property
+    def text_apart(self) -> bool:
+        """Whether OCR runs in the helper thread (see the class's docstring)."""
+        return self._helper_text is not None
 
     @torch.inference_mode()
     def stream(self, batches: Iterable[tuple[T, list[Item]]]) -> Iterator[tuple[T, Extracted]]:

@@ -75,9 +75,8 @@ class TextReader:
             "detect_side": DETECT_SIDE,
             "max_lines": MAX_LINES,
             "min_score": MIN_SCORE,
+            "rec_batch": REC_BATCH,  # earlier stores, read 6 lines a call, lack it: never mixed in
         }
-        if REC_BATCH != 6:  # rapidocr's default, under which the earlier text stores were read
-            self.identity["rec_batch"] = REC_BATCH
 
     def read(self, bgr: np.ndarray) -> tuple[list[Line], int, float]:
         """The poster's largest lines (top to bottom), how many lines were detected, and their total area."""
