@@ -44,6 +44,7 @@ def image(path: Path) -> Path:
 def run_import(fmt: str, source: Path, out_dir: Path, **options: object):
     """import_manifest with the manifest planned for ``out_dir/manifest.csv``."""
     images = options.pop("images", None)
+    images = [images] if isinstance(images, Path) else images
     encoding = options.pop("encoding", None)
     return import_manifest(
         fmt, source, out_dir / "manifest.csv", images=images, encoding=encoding,
@@ -317,6 +318,35 @@ def test_moviegenre_latin1_titles_and_unpadded_ids(moviegenre: Path) -> None:
         ("MovieGenre.csv", 6, "cannot parse the genre list '[Adventure'"),
     ]
     assert lines(result, "missing") == [7]
+
+
+def test_movielens_joins_imdb_ids_and_finds_posters_in_several_folders(tmp_path: Path) -> None:
+    """MovieLens has titles and genres, a poster collection named by IMDb id has the images."""
+    root = tmp_path / "ml-25m"
+    root.mkdir()
+    (root / "movies.csv").write_text(
+        "movieId,title,genres\n"
+        '11,"American President, The (1995)",Comedy|Drama|Romance\n'  # line 2: article moved to the front
+        "29,City of Lost Children (Cité des enfants perdus) (1995),Adventure|IMAX\n"  # line 3: IMAX is no genre
+        "30,Nameless (1996),(no genres listed)\n"  # line 4: unknown genres, not negatives
+        "31,Unlinked (1997),Drama\n"  # line 5: no IMDb id
+        "32,No Poster (1998),Drama\n", encoding="utf-8")  # line 6
+    (root / "links.csv").write_text(
+        "movieId,imdbId,tmdbId\n11,0112346,9087\n29,0112682,902\n30,0113000,\n32,0114000,1\n", encoding="utf-8")
+    first, second = image(tmp_path / "repo" / "images" / "tt0112346.jpg"), image(tmp_path / "repo" / "en_90" / "tt0112682.jpg")
+    image(tmp_path / "repo" / "en_90" / "tt0113000.jpg")
+    result = run_import("movielens", root, tmp_path, images=[first.parent, second.parent])
+    frame = result.manifest
+    assert list(frame["title"]) == ["The American President", "City of Lost Children (Cité des enfants perdus)"]
+    assert list(frame["genres"]) == ["Comedy|Drama|Romance", "Adventure"]
+    assert list(frame["year"]) == [1995, 1995] and list(frame["imdb_id"]) == ["tt0112346", "tt0112682"]
+    assert list(frame["poster"]) == ["repo/images/tt0112346.jpg", "repo/en_90/tt0112682.jpg"]
+    assert problems(result, "malformed") == [("movies.csv", 4, "MovieLens lists no genre for it"),
+                                             ("movies.csv", 5, "movieId '31' has no IMDb id in links.csv")]
+    assert lines(result, "missing") == [6]
+    with pytest.raises(PosterFusionError, match="no links.csv beside it"):
+        (root / "links.csv").unlink()
+        run_import("movielens", root, tmp_path)
 
 
 def test_imdb_tsv_with_bare_quotes_nulls_and_title_types(imdb: Path) -> None:

@@ -42,10 +42,11 @@ def import_(
     source: Annotated[Path, typer.Argument(
         help="The dataset's table (movies_metadata.csv, MovieGenre.csv, title.basics.tsv[.gz], "
         "a one-hot CSV) or folder (folders: one sub-folder per genre; mmimdb: the folder "
-        "with dataset/).", show_default=False)],
+        "with dataset/; movielens: the folder with movies.csv and links.csv).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")],
-    images: Annotated[Optional[Path], typer.Option(
-        help="Folder holding the posters. Default: SOURCE's folder and its posters/, images/ or "
+    images: Annotated[Optional[list[Path]], typer.Option(
+        help="Folder holding the posters; repeat it for posters spread over several folders (the "
+        "first that has a poster wins). Default: SOURCE's folder and its posters/, images/ or "
         "dataset/ sub-folder.")] = None,
     min_year: Annotated[Optional[int], typer.Option(help="Keep titles from this year on.")] = None,
     max_year: Annotated[Optional[int], typer.Option(help="Keep titles up to this year.")] = None,

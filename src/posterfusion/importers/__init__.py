@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from posterfusion.errors import PosterFusionError
-from posterfusion.importers import folders, imdb, mmimdb, moviegenre, onehot, tmdb
+from posterfusion.importers import folders, imdb, mmimdb, moviegenre, movielens, onehot, tmdb
 from posterfusion.importers.base import ImportResult, Record, RowProblem
 from posterfusion.importers.cleanup import (
     CleanupOptions,
@@ -36,6 +36,7 @@ IMPORTERS: dict[str, Reader] = {
     "imdb": imdb.read,
     "folders": folders.read,
     "mmimdb": mmimdb.read,
+    "movielens": movielens.read,
     "onehot": onehot.read,
 }
 
@@ -48,7 +49,7 @@ def import_manifest(
     source: Path,
     out: Path,
     *,
-    images: Path | None = None,
+    images: list[Path] | None = None,
     options: CleanupOptions | None = None,
     encoding: str | None = None,
 ) -> ImportResult:
@@ -62,12 +63,13 @@ def import_manifest(
         raise PosterFusionError(f"{source} does not exist; check the SOURCE path")
     if os.path.abspath(out) == os.path.abspath(source):
         raise PosterFusionError(f"--out {out} is the source file; write the manifest elsewhere")
-    if images is not None and format == "folders":
+    if images and format == "folders":
         raise PosterFusionError("--images is not used by the folders format: the genre folders "
                                 "under SOURCE hold the images")
-    if images is not None and not images.is_dir():
-        raise PosterFusionError(f"--images {images} is not a folder")
-    finder = ImageFinder(_image_folders(source) if images is None else [images])
+    for folder in images or []:
+        if not folder.is_dir():
+            raise PosterFusionError(f"--images {folder} is not a folder")
+    finder = ImageFinder(list(images) if images else _image_folders(source))
     items = IMPORTERS[format](source, encoding)
     return clean(items, finder, options or CleanupOptions(), out.parent)
 
