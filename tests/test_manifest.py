@@ -60,17 +60,19 @@ def test_combine_joins_collections_with_their_source_and_drops_repeats(tmp_path:
 
     from posterfusion.manifest_cli import manifest_app
 
-    for folder, names in (("a", ["x.jpg", "y.jpg"]), ("b", ["z.jpg"])):
+    for folder, names in (("a", ["x.jpg", "y.jpg"]), ("b", ["z.jpg", "y2.jpg"])):
         for name in names:
             write_poster(tmp_path / folder / "posters" / name)
-    (tmp_path / "a" / "labels.csv").write_text("poster,genres,split\nposters/x.jpg,Drama,train\nposters/y.jpg,Horror,test\n")
-    (tmp_path / "b" / "labels.csv").write_text(f"poster,genres\nposters/z.jpg,Comedy\n{tmp_path}/a/posters/x.jpg,Drama\n")
+    (tmp_path / "a" / "labels.csv").write_text("poster,genres,split,imdb_id\nposters/x.jpg,Drama,train,\n"
+                                               "posters/y.jpg,Horror,test,tt0000002\n")
+    (tmp_path / "b" / "labels.csv").write_text(f"poster,genres,imdb_id\nposters/z.jpg,Comedy,\n{tmp_path}/a/posters/x.jpg,Drama,\n"
+                                               "posters/y2.jpg,Horror,tt0000002\n")  # the test film's other poster
     out = tmp_path / "out" / "all.csv"
     out.parent.mkdir()
     result = CliRunner().invoke(manifest_app, ["combine", str(tmp_path / "a" / "labels.csv"),
                                                str(tmp_path / "b" / "labels.csv"), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "3 posters" in result.output and "1 poster listed again left out" in result.output
+    assert "3 posters" in result.output and "2 posters listed again (same file or IMDb id) left out" in result.output
     manifest = load_manifest(out)
     assert [Path(p).name for p in manifest.paths] == ["x.jpg", "y.jpg", "z.jpg"]
     assert all(Path(p).is_file() for p in manifest.paths)

@@ -187,7 +187,7 @@ def combine(
     console.print(
         f"[bold green]Combined {_plural(len(frame), 'poster')}[/] in {escape(str(out))}: "
         + ", ".join(f"{escape(name)} {count:,}" for name, count in sizes.items())
-        + (f"; {_plural(repeated, 'poster')} listed again left out" if repeated else "")
+        + (f"; {_plural(repeated, 'poster')} listed again (same file or IMDb id) left out" if repeated else "")
     )
 
 

@@ -69,7 +69,9 @@ def rebase_posters(frame: pd.DataFrame, source_dir: Path, target_dir: Path) -> p
 def combine_manifests(paths: list[Path], target_dir: Path) -> tuple[pd.DataFrame, int]:
     """Labelled manifests as one, their posters re-aimed at ``target_dir`` and each row's manifest
     named in a ``source`` column (kept where a row already has one), so that a model can train on
-    several collections and be scored on each; a poster listed again is dropped (the first kept).
+    several collections and be scored on each; a poster listed again, or a film listed again under
+    the same ``imdb_id`` (its poster from another collection), is dropped and the first kept, so
+    that no film trains in one collection while it is scored in another's test split.
     Returns the manifest and how many rows were dropped."""
     import pandas as pd
 
@@ -81,7 +83,11 @@ def combine_manifests(paths: list[Path], target_dir: Path) -> tuple[pd.DataFrame
         frames.append(frame)
     combined = pd.concat(frames, ignore_index=True).fillna("")
     absolute = [os.path.normpath(os.path.join(target_dir, cell)) for cell in combined["poster"]]
-    repeated = pd.Series(absolute).duplicated().to_numpy()
+    repeated = pd.Series(absolute).duplicated()
+    if "imdb_id" in combined.columns:
+        film = combined["imdb_id"].astype(str).str.strip().str.lower()
+        repeated |= (film != "") & film.duplicated()
+    repeated = repeated.to_numpy()
     return combined[~repeated].reset_index(drop=True), int(repeated.sum())
 
 
