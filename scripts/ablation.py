@@ -32,7 +32,7 @@ from posterfusion.config import default_config, load_config, merge
 from posterfusion.detectors import schema
 from posterfusion.frozen import resolve_device
 from posterfusion.model import predict_proba
-from posterfusion.train import (TrainingData, finetuned_embeddings, fit_and_validate, fit_words,
+from posterfusion.train import (TrainingData, collections, finetuned_embeddings, fit_and_validate, fit_words,
                                 prepare_data, read_text, split_positions, weigh_words)
 
 KEYS = ("map", "micro_f1", "macro_f1", "samples_f1", "top_n_accuracy")
@@ -119,9 +119,20 @@ def backbone_ms(name: str, view: str, paths: list[str], n: int = 96) -> float:
     return (time.perf_counter() - start) * 1000 / len(batch)
 
 
+def test_sets(data: TrainingData) -> dict[str, np.ndarray]:
+    """Each collection's test posters (positions into the table), in manifest order: a combined
+    manifest is scored per collection, so the shared posters' figures stay comparable."""
+    test = split_positions(data.manifest, data.table.rows, "test")
+    source = collections(data.manifest, data.table.rows)[test]
+    return {name: test[source == name] for name in dict.fromkeys(source)}
+
+
 def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache: str, device: torch.device) -> dict:
     test = split_positions(data.manifest, data.table.rows, "test")
-    results, fine_tunes = [], []
+    position = {int(p): i for i, p in enumerate(test)}
+    sets = {name: np.array([position[int(p)] for p in rows], int) for name, rows in test_sets(data).items()}
+    results: dict[str, list[dict]] = {name: [] for name in sets}
+    fine_tunes = []
     row_config, word_model = merged(config, row.overrides), None
     if row_config["words"]["enabled"]:  # learnt once (no seed in it), weighed per seed group
         word_model, card, _, docs_val = fit_words(data, data.train_idx, data.val_idx, row_config, cache, str(device))
@@ -151,10 +162,11 @@ def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache:
             prob = word_model.mix(prob, docs_test)
             print(f"  word model weight {float(np.mean(word_model.weight)):.2f} (mean over genres): val mAP {card['val_map_head']:.4f} -> "
                   f"{card['val_map_mixed']:.4f}", flush=True)
-        scores = metrics.evaluate(data.y[test], prob, thresholds, data.genres)
-        scores["val_map"] = val_scores["map"]
-        results.append(scores)
-        print(f"  {row.key} seed {seed}: test mAP {scores['map']:.4f}, val mAP {val_scores['map']:.4f}", flush=True)
+        for name, rows in sets.items():
+            scores = metrics.evaluate(data.y[test[rows]], prob[rows], thresholds, data.genres)
+            results[name].append(scores | {"val_map": val_scores["map"]})
+        print(f"  {row.key} seed {seed}: test mAP " + ", ".join(f"{Path(n).stem} {r[-1]['map']:.4f}" for n, r in results.items())
+              + f"; val mAP {val_scores['map']:.4f}", flush=True)
     return {"results": results, "fine_tunes": fine_tunes}
 
 
@@ -206,11 +218,11 @@ def main() -> None:
 
     if "prior" in wanted:  # needs no features: the shipped backbone's posters (a cache of them is the usual one)
         data = data_for(config["backbone"], config["backbone_view"])
-        test = split_positions(data.manifest, data.table.rows, "test")
-        y_val, y_test = data.y[data.val_idx], data.y[test]
-        thresholds = metrics.tune_thresholds(y_val, metrics.prior_scores(data.y[data.train_idx], len(data.val_idx)))
-        prior = metrics.evaluate(y_test, metrics.prior_scores(data.y[data.train_idx], len(test)), thresholds, data.genres)
-        summary["genre-frequency prior"] = {"scores": summarise([prior | {"val_map": 0.0}]), "backbone_ms": 0.0}
+        thresholds = metrics.tune_thresholds(data.y[data.val_idx], metrics.prior_scores(data.y[data.train_idx], len(data.val_idx)))
+        summary["genre-frequency prior"] = {"backbone_ms": 0.0, "scores": {
+            name: summarise([metrics.evaluate(data.y[rows], metrics.prior_scores(data.y[data.train_idx], len(rows)),
+                                              thresholds, data.genres) | {"val_map": 0.0}])
+            for name, rows in test_sets(data).items()}}
     for row in ROWS:
         if row.key not in wanted:
             continue
@@ -222,23 +234,26 @@ def main() -> None:
         uses_cnn = run["mode"] in ("cnn", "fusion")
         if uses_cnn and view not in costs:
             costs[view] = backbone_ms(*view, [data.manifest.paths[i] for i in data.table.rows])
-        summary[row.name] = {"scores": summarise(outcome["results"]), "fine_tunes": outcome["fine_tunes"],
+        summary[row.name] = {"scores": {name: summarise(r) for name, r in outcome["results"].items()},
+                             "fine_tunes": outcome["fine_tunes"],
                              "backbone_ms": costs[view] if uses_cnn else 0.0,
                              "seeds": outcome["results"]}
 
     data = next(iter(datasets.values()))
-    test = split_positions(data.manifest, data.table.rows, "test")
-    print(f"\ntest split: {len(test)} posters, {len(data.genres)} genres; thresholds and early stopping on "
-          f"{len(data.val_idx)} val posters; train {len(data.train_idx)}; seed groups {args.seeds} (mean ± sd)\n")
-    print("| model | test mAP | micro-F1 | macro-F1 | samples-F1 | top-n acc | val mAP | backbone ms/poster |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, entry in summary.items():
-        cells = [f"{entry['scores'][k]['mean']:.3f}" + (f" ± {entry['scores'][k]['sd']:.3f}" if len(seeds) > 1 else "")
-                 for k in KEYS + ("val_map",)]
-        print(f"| {name} | " + " | ".join(cells) + f" | {entry['backbone_ms']:.1f} |")
+    sets = test_sets(data)
+    for collection, rows in sets.items():
+        print(f"\ntest split of {Path(collection).stem}: {len(rows)} posters, {len(data.genres)} genres; thresholds and early "
+              f"stopping on {len(data.val_idx)} val posters; train {len(data.train_idx)}; seed groups {args.seeds} (mean ± sd)\n")
+        print("| model | test mAP | micro-F1 | macro-F1 | samples-F1 | top-n acc | val mAP | backbone ms/poster |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, entry in summary.items():
+            scores = entry["scores"][collection]
+            cells = [f"{scores[k]['mean']:.3f}" + (f" ± {scores[k]['sd']:.3f}" if len(seeds) > 1 else "")
+                     for k in KEYS + ("val_map",)]
+            print(f"| {name} | " + " | ".join(cells) + f" | {entry['backbone_ms']:.1f} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"seeds": seeds, "test_posters": len(test), "val_posters": len(data.val_idx),
+            json.dump({"seeds": seeds, "test_posters": {n: len(r) for n, r in sets.items()}, "val_posters": len(data.val_idx),
                        "rows": summary}, handle, indent=2, default=float)
 
 

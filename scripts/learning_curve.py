@@ -34,7 +34,7 @@ from posterfusion.metrics import mean_sd
 from posterfusion.config import load_config
 from posterfusion.frozen import resolve_device
 from posterfusion.model import predict_proba
-from posterfusion.train import fit_and_validate, prepare_data, split_positions
+from posterfusion.train import collections, fit_and_validate, prepare_data, split_positions
 
 MODES = ("fusion", "cnn")
 
@@ -62,9 +62,7 @@ def main() -> None:
     device = resolve_device(args.device)
     seeds = [int(s) for s in args.seeds.split(",")]
     data = prepare_data(args.manifest, args.cache, config, args.device)
-    table = data.manifest.table
-    source = (table["source"] if "source" in table.columns else table["poster"].map(lambda _: args.manifest))
-    source = source.iloc[data.table.rows].to_numpy()  # one collection where the manifest names none
+    source = collections(data.manifest, data.table.rows)
     names = list(dict.fromkeys(source))  # in manifest order: the first collection first
     rng = np.random.default_rng(args.order_seed)
     train = data.train_idx

@@ -391,7 +391,8 @@ def test_training_on_combined_collections_uses_each_ones_split(tiny_model, tmp_p
     """Two collections joined by `fusion manifest combine` train one model: their train and val rows
     are used, their test rows held out, and the source column is carried along untouched."""
     from posterfusion.manifest_tools import combine_manifests, write_manifest
-    from posterfusion.train import train
+    from posterfusion.manifest import load_manifest
+    from posterfusion.train import collections, train
 
     table = pd.read_csv(tiny_model.manifest, dtype=str, keep_default_na=False)
     halves = []
@@ -411,6 +412,11 @@ def test_training_on_combined_collections_uses_each_ones_split(tiny_model, tmp_p
     splits = combined["split"].str.lower()
     assert card.training["train_posters"] == int((splits == "train").sum())
     assert card.training["val_posters"] == int((splits == "val").sum())  # the 4 test rows in neither
+    manifest = load_manifest(tmp_path / "all.csv")
+    rows = np.arange(len(combined))
+    assert list(collections(manifest, rows)) == list(combined["source"])  # each test row scored with its own collection
+    single = load_manifest(halves[0])
+    assert set(collections(single, np.arange(len(single.table)))) == {str(halves[0])}
 
 
 def test_the_model_card_reads_and_writes_the_same_json() -> None:

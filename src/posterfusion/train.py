@@ -65,6 +65,15 @@ def split_positions(manifest: Manifest, rows: np.ndarray, name: str) -> np.ndarr
     return np.flatnonzero(split == name)
 
 
+def collections(manifest: Manifest, rows: np.ndarray) -> np.ndarray:
+    """The collection each of ``rows`` comes from: the ``source`` column that ``fusion manifest
+    combine`` writes, or the manifest itself where it names none. Each collection's test posters
+    are scored apart, so that a combined manifest's figures stay comparable with its parts'."""
+    if "source" in manifest.table.columns:
+        return manifest.table["source"].fillna(str(manifest.source)).astype(str).iloc[rows].to_numpy()
+    return np.full(len(rows), str(manifest.source), dtype=object)
+
+
 def new_head(x: Features, y: np.ndarray, train: np.ndarray, config: dict,
              cnn_part: tuple[int, int] | None = None) -> FusionHead:
     """A head for these feature groups, its standardisers and output biases fitted on the training
