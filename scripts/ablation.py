@@ -122,18 +122,17 @@ def backbone_ms(name: str, view: str, paths: list[str], n: int = 96) -> float:
     return (time.perf_counter() - start) * 1000 / len(batch)
 
 
-def test_sets(data: TrainingData) -> dict[str, np.ndarray]:
-    """Each collection's test posters (positions into the table), in manifest order: a combined
-    manifest is scored per collection, so the shared posters' figures stay comparable."""
+def test_sets(data: TrainingData) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The test posters (positions into the table) and, per collection in manifest order, which of
+    them are its own: a combined manifest is scored per collection, so the shared posters' figures
+    stay comparable."""
     test = split_positions(data.manifest, data.table.rows, "test")
     source = collections(data.manifest, data.table.rows)[test]
-    return {name: test[source == name] for name in dict.fromkeys(source)}
+    return test, {name: np.flatnonzero(source == name) for name in dict.fromkeys(source)}
 
 
 def run_row(row: Row, data: TrainingData, config: dict, seeds: list[int], cache: str, device: torch.device) -> dict:
-    test = split_positions(data.manifest, data.table.rows, "test")
-    position = {int(p): i for i, p in enumerate(test)}
-    sets = {name: np.array([position[int(p)] for p in rows], int) for name, rows in test_sets(data).items()}
+    test, sets = test_sets(data)
     results: dict[str, list[dict]] = {name: [] for name in sets}
     fine_tunes = []
     train_idx, val_idx = data.train_idx, data.val_idx
@@ -225,10 +224,11 @@ def main() -> None:
     if "prior" in wanted:  # needs no features: the shipped backbone's posters (a cache of them is the usual one)
         data = data_for(config["backbone"], config["backbone_view"])
         thresholds = metrics.tune_thresholds(data.y[data.val_idx], metrics.prior_scores(data.y[data.train_idx], len(data.val_idx)))
+        test, sets = test_sets(data)
         summary["genre-frequency prior"] = {"backbone_ms": 0.0, "scores": {
-            name: summarise([metrics.evaluate(data.y[rows], metrics.prior_scores(data.y[data.train_idx], len(rows)),
+            name: summarise([metrics.evaluate(data.y[test[rows]], metrics.prior_scores(data.y[data.train_idx], len(rows)),
                                               thresholds, data.genres) | {"val_map": 0.0}])
-            for name, rows in test_sets(data).items()}}
+            for name, rows in sets.items()}}
     for row in ROWS:
         if row.key not in wanted:
             continue
@@ -246,7 +246,7 @@ def main() -> None:
                              "seeds": outcome["results"]}
 
     data = next(iter(datasets.values()))
-    sets = test_sets(data)
+    _, sets = test_sets(data)
     for collection, rows in sets.items():
         print(f"\ntest split of {Path(collection).stem}: {len(rows)} posters, {len(data.genres)} genres; thresholds and early "
               f"stopping on {len(data.val_idx)} val posters; train {len(data.train_idx)}; seed groups {args.seeds} (mean ± sd)\n")
