@@ -1,16 +1,16 @@
 """Where a poster's time goes, and this tree against an earlier release, printed in one run.
 
-    .venv/bin/python bench/speed.py [--baseline REV] [--posters 64] [--json OUT]
+    .venv/bin/python bench/speed.py [--baseline REV ...] [--posters 64] [--json OUT]
 
 Two tables, on real posters (by default ../shared/data/movieposters, spread over the manifest):
 
 * **stages**: each stage of the shipped model alone, on one thread (what the pipeline gives each
   model on 2 cores), in ms per poster, for a lone poster (``fusion predict`` of one file) and in
   32-poster batches (a build, where MTCNN takes the whole batch), with each stage's share of the
-  sum: decoding, NanoDet, MTCNN, the expression model, each backbone network on the poster and on
-  its mirror image, OCR detection, OCR recognition (and per line read), the head, the word model.
-* **end to end**, for this tree and for ``--baseline`` (a git revision, checked out into a
-  temporary folder with ``git archive``), each in its own process, one after the other on the same
+  sum: decoding, NanoDet, MTCNN, the expression model, each backbone network on the poster (and on
+  its mirror image where the view flips), OCR detection, OCR recognition (and per line read), the head, the word model.
+* **end to end**, for this tree and for each ``--baseline`` (a git revision, checked out into a
+  temporary folder with ``git archive``; the ratio column is this tree against the first), each in its own process, one after the other on the same
   cores: warm ``fusion predict`` of one poster with and without the word model, predict over a
   list of posters (models loaded, start-up excluded), ``detect-cache build`` into a fresh cache
   without and with OCR, and each process's peak RSS.
@@ -94,7 +94,7 @@ def stage_profile(paths: list[str]) -> dict[str, dict[str, float]]:
         crops = [det.expressions.crop(p["canvas"].numpy(), boxes) for p, (boxes, _) in zip(prepared, found)]
         add(kind, "expression model", clock(lambda: det.expressions.classify(crops))[0] / n)
         for name, backbone in members.items():
-            for view, flip in (("poster", False), ("mirror image", True)):
+            for view, flip in (("poster", False), ("mirror image", True))[: 1 + backbone.flip]:
                 ms = sum(clock(lambda: backbone.embed_image(i.backbone_input[None].flip(-1) if flip else i.backbone_input[None]))[0]
                          for i in items)
                 add(kind, f"{name}, {view}", ms / n)
@@ -195,6 +195,7 @@ def export_revision(rev: str, into: Path) -> Path:
     """The revision's ``src`` (and what its package reads beside it) in ``into``."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src", "weights", "configs"],
                              check=True, capture_output=True).stdout
+    into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into / "src"
 
@@ -222,7 +223,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     parser.add_argument("--posters", type=int, default=64, help="posters per measurement")
-    parser.add_argument("--baseline", default=None, help="git revision to measure beside this tree")
+    parser.add_argument("--baseline", action="append", default=[],
+                        help="git revision to measure beside this tree (repeatable; the ratios are against the first)")
     parser.add_argument("--no-stages", action="store_true", help="skip the stage table")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child mode: write measure()'s JSON here
@@ -245,9 +247,9 @@ def main() -> None:
         report["stages"] = stage_profile(paths)  # one thread here; the trees below run in their own processes
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.baseline:
-            log(f"end to end, {args.baseline} ...")
-            results[args.baseline] = run_tree(export_revision(args.baseline, Path(tmp)), args)
+        for rev in args.baseline:
+            log(f"end to end, {rev} ...")
+            results[rev] = run_tree(export_revision(rev, Path(tmp) / rev), args)
         log("end to end, this tree ...")
         results["this tree"] = run_tree(REPO / "src", args)
     report["end_to_end"] = results

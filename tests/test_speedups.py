@@ -18,6 +18,7 @@ Tolerances, stated once:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -201,9 +202,9 @@ def test_workers_and_model_batches_keep_features(reference: dict, default_models
     np.testing.assert_allclose(emb1, emb, rtol=0, atol=ATOL)
 
 
-def test_side_by_side_stages_equal_models_in_turn(reference: dict) -> None:
-    """Objects+backbone beside faces+expressions, each on half the cores, as every model in turn
-    on all cores (bit-identical on the development CPU; ATOL allows other kernels elsewhere)."""
+def test_two_lanes_equal_models_in_turn(reference: dict) -> None:
+    """Two threads sharing each batch's tasks, each on half the cores, compute what every model in
+    turn on all cores does (bit-identical on the development CPU; ATOL allows other kernels elsewhere)."""
     paths = reference["paths"]
     in_turn = FrozenModels("nanodet", "efficientnet_lite0", "cpu", concurrent=False)
     side_by_side = FrozenModels("nanodet", "efficientnet_lite0", "cpu", concurrent=True)
@@ -216,12 +217,12 @@ def test_side_by_side_stages_equal_models_in_turn(reference: dict) -> None:
 
 
 def test_ocr_shared_by_both_threads_reads_as_one_thread(reference: dict) -> None:
-    """With OCR, the helper thread reads text while the calling thread runs the other models and
-    then joins it: every poster's text, and every other feature, as with every model in turn."""
+    """With OCR, each thread reads some posters' text with its own reader: every poster's text,
+    and every other feature, as with every model in turn."""
     paths = reference["paths"][:10]
     in_turn = FrozenModels("nanodet", "efficientnet_lite0", "cpu", text=True, concurrent=False)
     side_by_side = FrozenModels("nanodet", "efficientnet_lite0", "cpu", text=True, concurrent=True)
-    assert side_by_side.text_apart and not in_turn.text_apart
+    assert len(side_by_side.readers) == 2 and len(in_turn.readers) == 1
     read = []
     for models in (in_turn, side_by_side):
         stores = open_stores(models, None)
@@ -283,3 +284,61 @@ def test_export_leaves_the_pytorch_model_in_eval_mode(tmp_path: Path, monkeypatc
     x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     with torch.inference_mode():
         torch.testing.assert_close(exported(x), net((x.float() - 127.5) / 127.5), rtol=0, atol=1e-5)
+
+
+def test_each_task_of_a_batch_runs_once_whichever_lane_takes_it() -> None:
+    """The two lanes share one list: every task runs exactly once, and nothing after stop()."""
+    import threading
+
+    from posterfusion.frozen import WorkList
+
+    ran: list[int] = []
+    lanes: set[int] = set()
+    both_started = threading.Barrier(2)
+
+    def task(k: int):
+        def run(lane: int) -> None:
+            if k < 2:
+                both_started.wait(timeout=10)  # the first two tasks are held until both lanes have one
+            ran.append(k)
+            lanes.add(lane)
+        return run
+
+    work = WorkList([task(k) for k in range(50)])
+
+    def drain(lane: int) -> None:
+        while (t := work.take()) is not None:
+            t(lane)
+
+    helper = threading.Thread(target=drain, args=(1,))
+    helper.start()
+    drain(0)
+    helper.join()
+    assert sorted(ran) == list(range(50)) and lanes == {0, 1}
+    work.stop()
+    assert work.take() is None
+    stopped = WorkList([task(k) for k in range(2, 5)])
+    stopped.stop()
+    assert stopped.take() is None
+
+
+@pytest.mark.parametrize("failing_lane", [0, 1])
+def test_a_task_failing_in_either_lane_fails_its_batch(reference: dict, failing_lane: int) -> None:
+    """An error in the helper's task reaches the caller as it is; an error in the caller's stops
+    the helper (no hang, no batch yielded)."""
+    import threading
+
+    models = FrozenModels(None, "efficientnet_lite0", "cpu", backbone_view=SQUARE, concurrent=True)
+    dataset = PosterDataset(reference["paths"][:6], None, models.backbone)
+    items = [dataset[i] for i in range(len(dataset))]
+    embed = models.backbone.embed
+
+    def flaky(batch):
+        if (threading.current_thread() is threading.main_thread()) == (failing_lane == 0):
+            raise RuntimeError(f"boom in lane {failing_lane}")
+        time.sleep(0.05)  # leaves the other lane time to take a task
+        return embed(batch)
+
+    models.backbone.embed = flaky
+    with pytest.raises(RuntimeError, match=f"boom in lane {failing_lane}"):
+        list(models.stream([("batch", items)]))

@@ -6,12 +6,12 @@ function to share loaded models.
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ class Extracted:
     text_features: np.ndarray | None = None
     text_lines: list = field(default_factory=list)  # per text item, the Lines read
     text_rows: list = field(default_factory=list)  # per text item, its text features
+    faces: list = field(default_factory=list)  # per detector item, its faces (a task's output)
+    object_parts: list = field(default_factory=list)  # per object-detector call, its detections
+    embedding_parts: list = field(default_factory=list)  # per backbone call, its embeddings
 
     @property
     def prepared(self) -> list[dict[str, Any]]:
@@ -51,37 +54,45 @@ class Extracted:
         return [" / ".join(line.text for line in lines) for lines in self.text_lines]
 
 
-class Unread:
-    """A batch's text items that no thread has taken yet: the two threads share a batch's OCR."""
+class WorkList:
+    """A batch's tasks, each taken once, in order, by whichever thread is free.
 
-    def __init__(self, n: int) -> None:
-        self._next, self._n, self._lock = 0, n, threading.Lock()
+    Each task is a callable of the lane (0: the calling thread, 1: the helper) that runs it, so a
+    task can use that thread's own OCR reader.
+    """
 
-    def take(self) -> int | None:
-        """The index of an item to read, or None when every item is taken."""
+    def __init__(self, tasks: list[Callable[[int], None]]) -> None:
+        self._tasks, self._next, self._lock = tasks, 0, threading.Lock()
+
+    def take(self) -> Callable[[int], None] | None:
+        """The next task, or None when every task is taken."""
         with self._lock:
-            if self._next >= self._n:
+            if self._next >= len(self._tasks):
                 return None
             self._next += 1
-            return self._next - 1
+            return self._tasks[self._next - 1]
+
+    def stop(self) -> None:
+        """Hand out no more tasks (a lane failed: the batch is lost anyway)."""
+        with self._lock:
+            self._next = len(self._tasks)
 
 
 class FrozenModels:
-    """The detector set and the backbone, on one device, run on prepared batches.
+    """The detector set, the backbone and OCR, on one device, run on prepared batches.
 
-    On a CPU with two or more cores the models run as two stages side by side, each on half the
-    cores: NanoDet + the backbone (onnxruntime, which releases the GIL) in a helper thread, and
-    MTCNN + the expression model (PyTorch) in the calling thread. None of them scales linearly
-    with threads (on 2 cores, 1 -> 2 threads makes NanoDet 1.8x and MTCNN 1.6x faster), so two
-    one-thread stages finish a batch sooner than every model in turn on both cores. Outputs do
-    not change: each model sees the same batches, and its results do not depend on its thread
-    count (tests/test_speedups.py). ``concurrent=False`` runs them in turn on all cores.
-
-    With the text detector (``text=True``: OCR, about as costly as all the other models together)
-    the helper thread reads text instead, and the calling thread runs every other model and then
-    joins it on the batch's posters left unread: a poster's OCR is one thread's work, so a lone
-    poster costs max(OCR, the rest) instead of OCR + faces + the mirror image, and a run of OCR
-    alone (training's reading of text) uses both cores.
+    On a CPU with two or more cores two threads share each batch, each on half the cores: a
+    batch is a list of tasks (MTCNN + the expression model over the whole batch, then each
+    poster's OCR, backbone and object detections), and each thread takes the next task left
+    until none is. None of the models scales linearly with threads (on 2 cores, 1 -> 2 threads
+    makes NanoDet 1.8x and MTCNN 1.6x faster), so two one-thread lanes finish a batch sooner than
+    every model in turn on both cores; and taking tasks from one list keeps both cores busy
+    whatever the mix of work (fixed roles, one thread for onnxruntime's models and one for
+    PyTorch's, left one idle ~30 % of a build). MTCNN runs once over the whole batch: its integer
+    crop windows make its faces depend on the batch (see :meth:`DetectorSet.detect_faces`).
+    Outputs do not change with the lanes: each task computes what it did in turn, and no model's
+    result depends on its thread count (tests/test_speedups.py). ``concurrent=False`` runs the
+    same tasks in turn on all cores (as on a GPU).
     """
 
     def __init__(self, objects: str | None = "nanodet", backbone: str | None = DEFAULT_BACKBONE,
@@ -91,136 +102,112 @@ class FrozenModels:
         settings.apply(self.device)
         cores = torch.get_num_threads()
         if concurrent is None:
-            concurrent = self.device.type == "cpu" and cores >= 2 and (objects is not None or text)
+            concurrent = self.device.type == "cpu" and cores >= 2
         self.concurrent = concurrent
-        # Threads of the PyTorch stage (faces) and of the onnxruntime stage (objects, backbone).
-        self.torch_threads = cores - cores // 2 if concurrent else cores
-        ort_threads = max(1, cores // 2) if concurrent else None
+        # Each lane's threads: the calling thread's and the helper's half of the cores.
+        self.lane_threads = (cores - cores // 2, max(1, cores // 2)) if concurrent else (cores,)
+        ort_threads = self.lane_threads[1] if concurrent else None
         self.detectors = DetectorSet(objects, self.device, ort_threads) if objects else None
         ort = onnx_runtime.enabled(self.device)
         self.backbone = create_backbone(backbone, weights=backbone_weights, lazy=ort, view=backbone_view).to(self.device) if backbone else None
         if self.backbone is not None and ort:
             self.backbone.use_onnxruntime(ort_threads)  # frozen here: the faster CPU runtime, same numbers
-        self.text = self._helper_text = None
+        # One OCR reader per lane (the same networks and settings): a reader is not shared.
+        self.readers: tuple = ()
         if text:
             from .detectors.text import TextReader
 
-            self.text = TextReader(self.torch_threads)
-            if concurrent:  # the helper thread's own reader (the same networks and settings)
-                self._helper_text = TextReader(ort_threads)
-        # Without OCR, a flipping view's mirror image runs in the PyTorch stage: with both images
-        # the onnxruntime stage (NanoDet + backbone) was the slower one by ~40 % (bench/run.py).
-        self.split_views = self.concurrent and not self.text_apart and self.backbone is not None and self.backbone.flip
+            self.readers = tuple(TextReader(n) for n in self.lane_threads)
         self.timings: dict[str, float] = {}
         self.model_batch = model_batch_size(self.device)
         self._helper = None
 
     @property
-    def text_apart(self) -> bool:
-        """Whether OCR runs in the helper thread (see the class's docstring)."""
-        return self._helper_text is not None
+    def text(self):
+        """The calling thread's OCR reader (None without OCR)."""
+        return self.readers[0] if self.readers else None
 
     @torch.inference_mode()
     def stream(self, batches: Iterable[tuple[T, list[Item]]]) -> Iterator[tuple[T, Extracted]]:
         """Each ``(tag, items)`` batch with its outputs, in order, as the models finish them.
 
         NanoDet and the backbone are fed ``model_batch`` posters at a time; MTCNN the whole batch
-        (see :meth:`DetectorSet.detect_faces`). With side-by-side stages the onnxruntime stage
-        runs up to one batch ahead of the PyTorch one: a batch's cost differs between them (MTCNN's
-        follows the faces in it), and the queue evens that out where a per-batch join would leave
-        one core idle.
+        (see :meth:`DetectorSet.detect_faces`).
         """
-        if not self.concurrent:
-            for tag, items in batches:
-                out = _split(items)
-                objects = self._objects_and_embeddings(out)
-                faces = self._faces(out)
-                self._read_text(out, Unread(len(out.text_items)))
-                yield tag, self._finish(out, objects, faces)
-            return
-        if self._helper is None:
+        if self.concurrent and self._helper is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="posterfusion-models")
-        stage = torch.inference_mode()(self._helper_stage)
-        ahead: collections.deque = collections.deque()
-        try:
-            for tag, items in batches:
-                out = _split(items)
-                unread = Unread(len(out.text_items))
-                ahead.append((tag, out, unread, self._helper.submit(stage, out, unread)))
-                if len(ahead) > 1:
-                    yield self._finish_side_by_side(*ahead.popleft())
-            while ahead:
-                yield self._finish_side_by_side(*ahead.popleft())
-        finally:
-            for *_, pending in ahead:  # a consumer that stopped early: let the helper go idle
-                pending.cancel()
+        for tag, items in batches:
+            out = _split(items)
+            work = WorkList(self._tasks(out))
+            if self._helper is None:
+                self._lane(work, 0)
+            else:
+                pending = self._helper.submit(torch.inference_mode()(self._lane), work, 1)
+                failed = True
+                try:
+                    self._lane(work, 0)
+                    failed = False
+                finally:
+                    if failed:
+                        work.stop()
+                    error = pending.exception()  # waits for the helper's last task
+                if error is not None:
+                    raise error
+            yield tag, self._finish(out)
 
-    def _helper_stage(self, out: Extracted, unread: Unread) -> list:
-        """The helper thread's share of a batch: its text where OCR runs, else the onnxruntime
-        models (whose object detections it returns)."""
-        if self.text_apart:
-            self._read_text(out, unread, self._helper_text)
-            return []
-        return self._objects_and_embeddings(out)
+    def _lane(self, work: WorkList, lane: int) -> None:
+        """One thread's share of a batch: tasks until none is left."""
+        with torch_threads(self.lane_threads[lane]):
+            while (task := work.take()) is not None:
+                task(lane)
 
-    def _finish_side_by_side(self, tag: T, out: Extracted, unread: Unread, pending) -> tuple[T, Extracted]:
-        """The calling thread's share of a batch whose helper share is already queued."""
-        with torch_threads(self.torch_threads):
-            try:
-                objects = self._objects_and_embeddings(out) if self.text_apart else None
-                faces = self._faces(out)
-                self._read_text(out, unread)  # with OCR apart: the text items the helper has not taken
-                mirrored = self._embed(out, mirrored=True) if self.split_views and out.backbone_items else None
-            finally:
-                helped = pending.result()
-        if mirrored is not None:
-            out.embeddings = (out.embeddings + mirrored) / 2
-        return tag, self._finish(out, helped if objects is None else objects, faces)
+    def _tasks(self, out: Extracted) -> list[Callable[[int], None]]:
+        """A batch's work, longest tasks first so that the last ones, which may leave a thread
+        idle while the other finishes, are short: faces over the batch, each poster's OCR, then
+        the backbone's and the object detector's calls."""
+        tasks: list[Callable[[int], None]] = []
+        prepared = out.prepared
+        if prepared:
+            tasks.append(lambda lane: setattr(out, "faces", self.detectors.detect_faces(prepared, self.timings)))
+        if self.readers:
+            tasks += [functools.partial(self._read_text, out, i) for i in range(len(out.text_items))]
+        step = self.model_batch or max(len(out.backbone_items), len(prepared), 1)
+        if self.backbone is not None:
+            out.embedding_parts = [None] * len(range(0, len(out.backbone_items), step))
+            tasks += [functools.partial(self._embed, out, k, s, step) for k, s in enumerate(range(0, len(out.backbone_items), step))]
+        if prepared:
+            out.object_parts = [None] * len(range(0, len(prepared), step))
+            tasks += [functools.partial(self._objects, out, k, prepared[s : s + step])
+                      for k, s in enumerate(range(0, len(prepared), step))]
+        return tasks
 
-    def _faces(self, out: Extracted) -> list:
-        """The PyTorch stage: faces and their expressions."""
-        return self.detectors.detect_faces(out.prepared, self.timings) if out.detector_items else []
+    def _objects(self, out: Extracted, k: int, prepared: list, lane: int) -> None:
+        out.object_parts[k] = self.detectors.detect_objects(prepared, self.timings)
 
-    def _read_text(self, out: Extracted, unread: Unread, reader=None) -> None:
-        """Text lines and their features (into ``out``) of the batch's ``unread`` text items, read
-        by ``reader`` (default: the calling thread's) until no item is left."""
-        if self.text is None or not out.text_items:
-            return
+    def _embed(self, out: Extracted, k: int, start: int, step: int, lane: int) -> None:
+        with timed(self.timings, "backbone"):
+            batch = torch.stack([i.backbone_input for i in out.backbone_items[start : start + step]]).to(self.device)
+            out.embedding_parts[k] = self.backbone.embed(batch).float().cpu().numpy()
+
+    def _read_text(self, out: Extracted, i: int, lane: int) -> None:
+        """Poster ``i``'s text lines and text features, read by the lane's own reader."""
         from .detectors import schema
 
-        reader = reader or self.text
-        with timed(self.timings, "text" if reader is self.text else "text (helper thread)"):
-            while (i := unread.take()) is not None:
-                lines, detected, area = reader.read(out.text_items[i].text_input)
-                out.text_lines[i], out.text_rows[i] = lines, schema.text_features(lines, detected, area)
+        with timed(self.timings, "text" if lane == 0 else "text (helper thread)"):
+            lines, detected, area = self.readers[lane].read(out.text_items[i].text_input)
+            out.text_lines[i], out.text_rows[i] = lines, schema.text_features(lines, detected, area)
 
-    def _finish(self, out: Extracted, objects: list, faces: list) -> Extracted:
+    def _finish(self, out: Extracted) -> Extracted:
         if out.text_items:
             out.text_features = np.stack(out.text_rows)
+        if out.backbone_items:
+            out.embeddings = np.concatenate(out.embedding_parts)
         if out.detector_items:
-            out.features, out.evidence = self.detectors.assemble(out.prepared, objects, faces)
+            objects = [d for part in out.object_parts for d in part]
+            out.features, out.evidence = self.detectors.assemble(out.prepared, objects, out.faces)
         return out
-
-    def _objects_and_embeddings(self, out: Extracted) -> list:
-        """The onnxruntime stage: object detections (returned) and embeddings (into ``out``)."""
-        objects = self.detectors.detect_objects(out.prepared, self.timings, self.model_batch) if out.detector_items else []
-        if self.backbone is not None and out.backbone_items:
-            out.embeddings = self._embed(out, mirrored=False if self.split_views else None)
-        return objects
-
-    def _embed(self, out: Extracted, mirrored: bool | None = None) -> np.ndarray:
-        """Embeddings of the batch's backbone items: of the view (None: both images of a flipping
-        view, averaged), or of the poster or its mirror image alone."""
-        step = self.model_batch or len(out.backbone_items)
-        embeddings = []
-        with timed(self.timings, "backbone"):
-            for s in range(0, len(out.backbone_items), step):
-                batch = torch.stack([i.backbone_input for i in out.backbone_items[s : s + step]]).to(self.device)
-                embed = self.backbone.embed if mirrored is None else self.backbone.embed_image
-                embeddings.append(embed(batch.flip(-1) if mirrored else batch).float().cpu().numpy())
-        return np.concatenate(embeddings)
 
 
 def _split(items: list[Item]) -> Extracted:
