@@ -43,7 +43,9 @@ BIG = {"backbone_view": "260x372+flip"}
 """Lite2's own width (260) at the posters' shape."""
 LITE2 = {"backbone": "efficientnet_lite2", **BIG}
 PAIR = {"backbone": "efficientnet_lite0+efficientnet_lite2", **BIG}
-"""Both networks, a head ensemble on each, averaged (the shipped backbone and view)."""
+"""Both networks, a head ensemble on each, averaged."""
+PAIR_ONE_IMAGE = PAIR | {"backbone_view": "260x372"}
+"""The same without the mirror images (half the backbones' work)."""
 V1_MASK = np.isin(schema.COLUMNS, schema.V1_COLUMNS).astype(np.float32)
 """Schema v2's other columns are zeroed for the v1 rows (constant: no signal)."""
 
@@ -93,6 +95,10 @@ ROWS = [
         {"words": {"enabled": True}, **PAIR}),
     Row("fusion-words-titles", "fusion + word model fed the true titles at test time",
         {"words": {"enabled": True}}, test_words_from="title"),
+    Row("fusion-words-pair-noflip", "fusion, Lite0 + Lite2 heads averaged, 260x372, no mirror image, + word model",
+        {"words": {"enabled": True}, **PAIR_ONE_IMAGE}),
+    Row("fusion-words-pair-c0.5", "the shipped recipe, word model C 0.5", {"words": {"enabled": True, "C": 0.5}, **PAIR}),
+    Row("fusion-words-pair-c2", "the shipped recipe, word model C 2", {"words": {"enabled": True, "C": 2.0}, **PAIR}),
     Row("fusion-words-pair-first", "the shipped recipe trained on the first collection alone",
         {"words": {"enabled": True}, **PAIR}, first_collection_only=True),
 ]
