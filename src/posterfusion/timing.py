@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Iterator
+
+_ADDING = threading.Lock()
+"""Both threads of a batch add to the same stages (frozen.py): a read-add-write is not atomic."""
 
 
 @contextlib.contextmanager
@@ -17,4 +21,6 @@ def timed(sink: dict[str, float] | None, stage: str) -> Iterator[None]:
     try:
         yield
     finally:
-        sink[stage] = sink.get(stage, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        with _ADDING:
+            sink[stage] = sink.get(stage, 0.0) + elapsed
