@@ -30,7 +30,9 @@ from posterfusion.config import load_config
 from posterfusion.features import Features
 from posterfusion.metrics import mean_sd
 from posterfusion.model import predict_proba
-from posterfusion.train import collections, fit_and_validate, prepare_data, split_positions
+from posterfusion.train import fit_and_validate, prepare_data
+
+from ablation import test_sets  # scripts/ is the script's folder, first on sys.path
 
 VIEW = "260x372"
 
@@ -49,9 +51,7 @@ def main() -> None:
     if both.table.keys != one.table.keys:
         sys.exit(f"{args.cache}: the two views do not hold the same posters; build both with detect-cache build")
     y, train, val = both.y, both.train_idx, both.val_idx
-    test = split_positions(both.manifest, both.table.rows, "test")
-    source = collections(both.manifest, both.table.rows)[test]
-    sets = {name: np.flatnonzero(source == name) for name in dict.fromkeys(source)}
+    test, sets = test_sets(both)
 
     poster = replace(one.table.features, text=None)
     averaged = replace(both.table.features, text=None)

@@ -175,20 +175,21 @@ class FrozenModels:
             tasks += [functools.partial(self._read_text, out, i) for i in range(len(out.text_items))]
         step = self.model_batch or max(len(out.backbone_items), len(prepared), 1)
         if self.backbone is not None:
-            out.embedding_parts = [None] * len(range(0, len(out.backbone_items), step))
-            tasks += [functools.partial(self._embed, out, k, s, step) for k, s in enumerate(range(0, len(out.backbone_items), step))]
+            chunks = _chunks(out.backbone_items, step)
+            out.embedding_parts = [None] * len(chunks)
+            tasks += [functools.partial(self._embed, out, k, chunk) for k, chunk in enumerate(chunks)]
         if prepared:
-            out.object_parts = [None] * len(range(0, len(prepared), step))
-            tasks += [functools.partial(self._objects, out, k, prepared[s : s + step])
-                      for k, s in enumerate(range(0, len(prepared), step))]
+            chunks = _chunks(prepared, step)
+            out.object_parts = [None] * len(chunks)
+            tasks += [functools.partial(self._objects, out, k, chunk) for k, chunk in enumerate(chunks)]
         return tasks
 
     def _objects(self, out: Extracted, k: int, prepared: list, lane: int) -> None:
         out.object_parts[k] = self.detectors.detect_objects(prepared, self.timings)
 
-    def _embed(self, out: Extracted, k: int, start: int, step: int, lane: int) -> None:
+    def _embed(self, out: Extracted, k: int, items: list[Item], lane: int) -> None:
         with timed(self.timings, "backbone"):
-            batch = torch.stack([i.backbone_input for i in out.backbone_items[start : start + step]]).to(self.device)
+            batch = torch.stack([i.backbone_input for i in items]).to(self.device)
             out.embedding_parts[k] = self.backbone.embed(batch).float().cpu().numpy()
 
     def _read_text(self, out: Extracted, i: int, lane: int) -> None:
@@ -208,6 +209,11 @@ class FrozenModels:
             objects = [d for part in out.object_parts for d in part]
             out.features, out.evidence = self.detectors.assemble(out.prepared, objects, out.faces)
         return out
+
+
+def _chunks(items: list, step: int) -> list[list]:
+    """``items`` in consecutive runs of ``step`` (one model call each)."""
+    return [items[s : s + step] for s in range(0, len(items), step)]
 
 
 def _split(items: list[Item]) -> Extracted:
